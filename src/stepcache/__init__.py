@@ -1,0 +1,19 @@
+"""stepcache: training-free feature caching for diffusion transformers (FORA, ToCa, L2C)."""
+
+from stepcache.errors import (CheckpointError, ClockError, ConfigError, ModelMismatchError, StepcacheError,
+                              UnsupportedModelError)
+from stepcache.models.dit import DiT
+from stepcache.policies.base import NoCache, PolicyConfig
+from stepcache.policies.fora import FORA
+from stepcache.runtime.context import StepContext
+from stepcache.runtime.handle import CacheHandle, apply
+from stepcache.runtime.stats import CacheStats
+from stepcache.sampling.sample import sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiT", "sample", "apply", "CacheHandle", "CacheStats", "StepContext", "PolicyConfig", "NoCache", "FORA",
+    "StepcacheError", "ConfigError", "CheckpointError", "ModelMismatchError", "UnsupportedModelError",
+    "ClockError", "__version__",
+]

@@ -1,0 +1,47 @@
+"""Adapters: where the cacheable sites are in one model family. Policies never see model classes."""
+
+from __future__ import annotations
+
+from stepcache.errors import UnsupportedModelError
+from stepcache.policies.base import ModelInfo
+
+_ADAPTERS: list = []
+
+
+class Adapter:
+    """Declares a model family: which classes it matches, its branches, and how to hook it."""
+
+    family: str = "base"
+    branches: tuple[str, ...] = ()
+
+    def matches(self, model) -> bool:
+        raise NotImplementedError
+
+    def info(self, model) -> ModelInfo:
+        raise NotImplementedError
+
+    def install(self, model, handle) -> list:
+        """Patch the model's forwards to route through ``handle``; returns the patches."""
+        raise NotImplementedError
+
+
+def register_adapter(adapter_cls: type) -> type:
+    _ADAPTERS.append(adapter_cls())
+    return adapter_cls
+
+
+def supported_models() -> list[str]:
+    return [a.family for a in _ADAPTERS]
+
+
+def find_adapter(obj):
+    """(model, adapter) for a model or a pipeline holding one in ``.transformer``."""
+    candidates = [obj]
+    if hasattr(obj, "transformer"):
+        candidates.append(obj.transformer)
+    for model in candidates:
+        for adapter in _ADAPTERS:
+            if adapter.matches(model):
+                return model, adapter
+    raise UnsupportedModelError(
+        f"stepcache has no adapter for {type(obj).__name__}; supported: {', '.join(supported_models())}.")

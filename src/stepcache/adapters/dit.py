@@ -1,0 +1,80 @@
+"""Adapter for stepcache's native DiT (adaLN-Zero blocks: gated attention, gated MLP)."""
+
+from __future__ import annotations
+
+import torch
+
+from stepcache.adapters.base import Adapter, register_adapter
+from stepcache.models.dit import DiT, DiTBlock, modulate
+from stepcache.policies.base import ModelInfo
+from stepcache.runtime.hooks import ForwardPatch
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), index (B, k) -> (B, k, D)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def dit_macs(model: DiT) -> dict:
+    """Multiply-accumulates per batch row: attention/MLP as functions of tokens computed, plus fixed work."""
+    D = model.pos_embed.shape[-1]
+    T = model.num_tokens
+    H = model.blocks[0].mlp.fc1.out_features
+    p, C = model.patch_size, model.in_channels
+    freq = model.t_embedder.frequency_size
+    fixed = (T * p * p * C * D + freq * D + D * D + len(model.blocks) * D * 6 * D
+             + D * 2 * D + T * D * p * p * model.out_channels)
+    return {
+        "attn": lambda k: (4 * T * D * D + 2 * T * T * D) * k // T,
+        "mlp": lambda k: 2 * k * D * H,
+        "fixed": fixed,
+    }
+
+
+@register_adapter
+class DiTAdapter(Adapter):
+    family = "stepcache.DiT"
+    branches = ("attn", "mlp")
+
+    def matches(self, model) -> bool:
+        return isinstance(model, DiT)
+
+    def info(self, model: DiT) -> ModelInfo:
+        return ModelInfo(depth=len(model.blocks), num_tokens=model.num_tokens, grid=(model.grid, model.grid),
+                         branches=self.branches, family="dit")
+
+    def install(self, model: DiT, handle) -> list:
+        macs = dit_macs(model)
+        patches = [ForwardPatch(model, lambda original: self._model_forward(original, handle, macs["fixed"]))]
+        for layer, block in enumerate(model.blocks):
+            patches.append(ForwardPatch(block, lambda _orig, l=layer, b=block: self._block_forward(b, l, handle, macs)))
+        return patches
+
+    @staticmethod
+    def _model_forward(original, handle, fixed_macs):
+        def forward(x, t, y, *args, **kwargs):
+            handle.before_call(x.shape[0], x.shape[0] * fixed_macs)
+            return original(x, t, y, *args, **kwargs)
+
+        return forward
+
+    @staticmethod
+    def _block_forward(block: DiTBlock, layer: int, handle, macs):
+        def forward(x, c):
+            shift1, scale1, gate1, shift2, scale2, gate2 = block.modulation(c)
+            a = handle.branch(
+                layer, "attn",
+                full=lambda: block.attn_branch(x, shift1, scale1),
+                with_map=lambda: block.attn.forward_with_map(modulate(block.norm1(x), shift1, scale1)),
+                macs=macs["attn"],
+            )
+            x = x + gate1.unsqueeze(1) * a
+            m = handle.branch(
+                layer, "mlp",
+                full=lambda: block.mlp_branch(x, shift2, scale2),
+                tokens=lambda index: block.mlp_branch(gather_tokens(x, index), shift2, scale2),
+                macs=macs["mlp"],
+            )
+            return x + gate2.unsqueeze(1) * m
+
+        return forward

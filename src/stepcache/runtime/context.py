@@ -1,0 +1,37 @@
+"""The clock: what step the sampler is on, published before every model call.
+
+Policies key their schedules on the respaced index ``i`` counting down from ``S-1`` to 0 (the
+convention of DiT's loops, which FORA, ToCa and L2C all use), never on a forward-call counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One sampling run: S steps over ``batch`` rows; with CFG the rows are [cond; uncond]."""
+
+    num_steps: int
+    batch: int
+    cfg: bool = False
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The step being computed. ``i`` counts down from ``num_steps - 1``; ``t`` is the model timestep."""
+
+    i: int
+    num_steps: int
+    t: float = 0.0
+    call: int = 0  # index of the model call within this step (pipelines may call twice)
+
+    @property
+    def is_first(self) -> bool:
+        return self.i == self.num_steps - 1
+
+    @property
+    def progress(self) -> int:
+        """Steps already taken: 0 at the first step."""
+        return self.num_steps - 1 - self.i

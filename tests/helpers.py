@@ -1,0 +1,25 @@
+"""Tiny random-weight models for tests, with DiT's zero-initialised layers re-randomised."""
+
+from __future__ import annotations
+
+import torch
+
+from stepcache import DiT
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-randomise every parameter except pos_embed (the paper zeroes adaLN and the final layer)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 0.02 if p.dim() > 1 else 0.01
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def tiny_dit(depth: int = 4, hidden: int = 64, heads: int = 4, input_size: int = 8, patch: int = 2,
+             num_classes: int = 10, seed: int = 0, **kw) -> DiT:
+    torch.manual_seed(seed)
+    model = DiT(input_size=input_size, patch_size=patch, in_channels=4, hidden_size=hidden, depth=depth,
+                num_heads=heads, num_classes=num_classes, **kw)
+    return randomize(model, seed).eval()
