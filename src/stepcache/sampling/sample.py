@@ -36,6 +36,8 @@ def _check(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int, sam
             raise ConfigError(f"class labels must lie in 0..{cfg.num_classes - 1}.")
         if cfg_scale > 1.0 and cfg.class_dropout_prob <= 0:
             raise ConfigError("classifier-free guidance needs a model trained with label dropout (a null label).")
+    if guide_channels is None:  # DiT's quirk: the first 3 channels (all of them for smaller models)
+        guide_channels = min(3, noise.shape[1])
     channels = noise.shape[1] if guide_channels == "all" else int(guide_channels)
     if not 1 <= channels <= noise.shape[1]:
         raise ConfigError(f"guide_channels must be 'all' or 1..{noise.shape[1]}, got {guide_channels!r}.")
@@ -44,11 +46,12 @@ def _check(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int, sam
 
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 250, sampler: str = "ddpm",
-           cfg_scale: float = 1.5, policy=None, *, guide_channels=3, generator: torch.Generator | None = None,
+           cfg_scale: float = 1.5, policy=None, *, guide_channels=None, generator: torch.Generator | None = None,
            progress: bool = False, return_stats: bool = False):
     """Sample latents of the n conditional samples; ``noise`` (n, C, H, W), ``labels`` (n,).
 
-    With ``cfg_scale > 1`` the batch is ``[cond; uncond]`` (2n rows) as in DiT. ``policy`` (e.g.
+    With ``cfg_scale > 1`` the batch is ``[cond; uncond]`` (2n rows) as in DiT, guided on the first
+    ``guide_channels`` channels (default: DiT's 3, or all of a model with fewer; ``"all"`` for all). ``policy`` (e.g.
     ``FORA(3)``) is applied for this call and removed afterwards; a handle already installed with
     ``stepcache.apply`` is driven as well. Per-step noise comes from the global torch RNG unless a
     ``generator`` is given.

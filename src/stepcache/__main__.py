@@ -1,0 +1,5 @@
+import sys
+
+from stepcache.cli.main import main
+
+sys.exit(main())

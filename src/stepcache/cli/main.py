@@ -1,0 +1,55 @@
+"""``stepcache`` command line: thin subcommands that parse, build configs and call the library.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)`` (which sets
+``func`` on its parser). Any :class:`stepcache.StepcacheError` (and bad file input) ends in one
+sentence on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stepcache.errors import StepcacheError
+
+SUBCOMMANDS = ["sample", "demo", "bench", "train_router", "router_report", "sample_ddp", "eval"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stepcache import __version__
+
+    parser = argparse.ArgumentParser(prog="stepcache", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"stepcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"stepcache.cli.{name}")
+        except ModuleNotFoundError as exc:  # TEMPORARY while the subcommands are being written
+            if exc.name == f"stepcache.cli.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+class CLIError(StepcacheError):
+    """A bad command-line value."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (StepcacheError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        msg = str(exc) if isinstance(exc, StepcacheError) else f"cannot read {exc.filename}: {exc.strerror}."
+        print(f"stepcache: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stepcache: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
