@@ -1,0 +1,200 @@
+"""Shared pieces of the subcommands: model loading, policy options, image output, run records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stepcache.errors import CheckpointError, ConfigError
+
+METHODS = ("none", "fora", "toca", "l2c")
+
+
+# ---------------------------------------------------------------- argument types
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("caching")
+    g.add_argument("--cache", choices=METHODS, default="none", help="caching method (default: %(default)s)")
+    g.add_argument("--interval", type=int, default=3,
+                   help="FORA/ToCa refresh interval N; FORA's --cache-threshold (default: %(default)s)")
+    g.add_argument("--fresh-ratio", type=float, default=0.07,
+                   help="ToCa share of tokens recomputed on partial steps (default: %(default)s)")
+    g.add_argument("--schedule", default="ToCa-ddim50", help="ToCa ratio schedule (default: %(default)s)")
+    g.add_argument("--score", default="attention", help="ToCa token score (default: %(default)s)")
+    g.add_argument("--staleness-weight", type=float, default=0.25,
+                   help="ToCa weight of the cache-staleness score (default: %(default)s)")
+    g.add_argument("--decision", default="reference", choices=("reference", "per-step"),
+                   help="ToCa: reference quirk (interval re-decided at layer 0) or once per step (default: %(default)s)")
+    g.add_argument("--router", default=None, help="L2C router file (reference .pt or stepcache .safetensors)")
+    g.add_argument("--threshold", type=float, default=0.1, help="L2C router threshold (default: %(default)s)")
+
+
+def build_policy(args):
+    """Policy config from the caching options; bad settings raise ConfigError."""
+    import stepcache
+
+    if args.cache == "none":
+        return None
+    if args.cache == "fora":
+        return stepcache.FORA(interval=args.interval)
+    if args.cache == "toca":
+        return stepcache.ToCa(interval=args.interval, fresh_ratio=args.fresh_ratio, schedule=args.schedule,
+                              score=args.score, staleness_weight=args.staleness_weight, decision=args.decision)
+    if args.router is None:
+        raise ConfigError("--cache l2c needs --router FILE.")
+    return stepcache.L2C.from_checkpoint(args.router, threshold=args.threshold)
+
+
+# ---------------------------------------------------------------- models
+def load_model(args):
+    """(model, is_latent). ``--model embedded`` (pixel space), a preset with --ckpt/--random-weights, or official."""
+    from stepcache.models.dit import DiT, parse_preset
+
+    if args.model == "embedded":
+        if args.ckpt:
+            raise ConfigError("--ckpt cannot be combined with --model embedded.")
+        from stepcache.models.embedded import load_embedded
+
+        return load_embedded(), False
+    parse_preset(args.model)
+    if args.image_size % 8:
+        raise ConfigError(f"--image-size must be a multiple of 8 (the VAE's factor), got {args.image_size}.")
+    latent = args.image_size // 8
+    if args.ckpt:
+        model = DiT.from_pretrained(args.ckpt, input_size=latent)
+        if model.input_size != latent:
+            raise ConfigError(f"the checkpoint is for {model.input_size * 8}px images, not --image-size "
+                              f"{args.image_size}.")
+        return model.eval(), True
+    if args.random_weights:
+        model = DiT.from_preset(args.model, input_size=latent)
+        randomize_(model, args.seed)
+        return model.eval(), True
+    if args.model != "DiT-XL/2" or args.image_size not in (256, 512):
+        raise ConfigError(f"no official checkpoint for {args.model} at {args.image_size}px; pass --ckpt FILE "
+                          "(or --random-weights).")
+    return DiT.from_pretrained(f"DiT-XL-2-{args.image_size}x{args.image_size}.pt").eval(), True
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere but pos_embed (adaLN-Zero would otherwise make caching a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.01))
+
+
+# ---------------------------------------------------------------- outputs
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grayscale repeated)."""
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2) -> None:
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    nrow = min(nrow, n)
+    rows = (n + nrow - 1) // nrow
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    scale = max(1, 128 // h)
+    im = Image.fromarray(grid)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    atomic_write(path, lambda f: im.save(f, format="PNG"))
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, record: dict) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, default=str).encode()))
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def decode_latents(latents: torch.Tensor, vae: str):
+    """SD VAE decode through diffusers when its weights are available locally or online; else None."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except Exception:
+        return None, "diffusers is not installed (pip install 'stepcache[diffusers]')"
+    import warnings
+
+    repo = f"stabilityai/sd-vae-ft-{vae}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoencoderKL.from_pretrained(repo, local_files_only=True).eval()
+    except Exception:
+        if not hub_reachable():
+            return None, f"the VAE {repo} is not cached locally and the Hugging Face Hub cannot be reached"
+        try:
+            model = AutoencoderKL.from_pretrained(repo).eval()
+        except Exception as exc:
+            return None, f"the VAE {repo} could not be loaded ({type(exc).__name__}: {exc})"
+    with torch.no_grad():
+        return model.decode(latents / 0.18215).sample, None
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick TCP check, so offline machines fail at once instead of after minutes of retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{what} {path} does not exist.")
+    return p
