@@ -5,6 +5,7 @@ from stepcache.errors import (CheckpointError, ClockError, ConfigError, ModelMis
 from stepcache.models.dit import DiT
 from stepcache.policies.base import NoCache, PolicyConfig
 from stepcache.policies.fora import FORA
+from stepcache.policies.l2c import L2C
 from stepcache.runtime.context import StepContext
 from stepcache.runtime.handle import CacheHandle, apply
 from stepcache.runtime.stats import CacheStats
@@ -13,7 +14,7 @@ from stepcache.sampling.sample import sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "DiT", "sample", "apply", "CacheHandle", "CacheStats", "StepContext", "PolicyConfig", "NoCache", "FORA",
+    "DiT", "sample", "apply", "CacheHandle", "CacheStats", "StepContext", "PolicyConfig", "NoCache", "FORA", "L2C",
     "StepcacheError", "ConfigError", "CheckpointError", "ModelMismatchError", "UnsupportedModelError",
     "ClockError", "__version__",
 ]
