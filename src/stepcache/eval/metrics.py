@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import torch
 
 from stepcache.errors import ConfigError
 
-__all__ = ["FeatureStats", "frechet_distance", "inception_score", "softmax"]
+__all__ = ["FeatureStats", "frechet_distance", "inception_score", "softmax", "manifold_radii", "precision_recall"]
 
 # ADM adds this to both covariances' diagonals when sqrtm of the product is not finite (pytorch-fid does too).
 SQRTM_EPS = 1e-6
@@ -131,3 +132,60 @@ def inception_score(probs: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
         scores.append(np.exp(kl.sum(axis=1).mean()))
     return float(np.mean(scores))
+
+
+# ---------------------------------------------------------------- improved precision and recall
+# Kynkaanniemi et al. 2019, as ADM's ManifoldEstimator runs it: squared Euclidean distances, the radius of a
+# point is its distance to its k-th nearest neighbour within its own set (k=3, the point itself excluded),
+# a point is "in" the other set's manifold when it lies within some ball of that set (distance <= radius).
+NHOOD_SIZE = 3
+
+
+def _pairwise_sq_dists(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(n, F), (m, F) -> (n, m) squared Euclidean distances, ||u||^2 - 2 u.v + ||v||^2 clamped at 0 (as ADM)."""
+    d = (u * u).sum(1, keepdim=True) - 2.0 * (u @ v.T) + (v * v).sum(1)[None, :]
+    return d.clamp_min_(0.0)
+
+
+def manifold_radii(features: np.ndarray, k: int = NHOOD_SIZE, batch_size: int = 1024,
+                   dtype: torch.dtype = torch.float32, device: str = "cpu") -> np.ndarray:
+    """(N,) squared distance of each point to its k-th nearest neighbour in ``features`` (N, F)."""
+    feats = torch.as_tensor(np.asarray(features), dtype=dtype, device=device)
+    n = feats.shape[0]
+    if not 1 <= k < n:
+        raise ConfigError(f"Precision/recall with k={k} neighbours needs more than {k} samples per set, got {n}.")
+    radii = torch.empty(n, dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        d = _pairwise_sq_dists(feats[start:start + batch_size], feats)      # (b, N), includes self (0)
+        radii[start:start + batch_size] = d.kthvalue(k + 1, dim=1).values.to("cpu", torch.float64)
+    return radii.numpy()
+
+
+def _within(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch_size: int) -> np.ndarray:
+    """(n,) bool: is each point inside at least one ball (centre, radius)? Batched over both sets."""
+    inside = torch.zeros(points.shape[0], dtype=torch.bool)
+    for i in range(0, points.shape[0], batch_size):
+        p = points[i:i + batch_size]
+        hit = torch.zeros(p.shape[0], dtype=torch.bool, device=points.device)
+        for j in range(0, centres.shape[0], batch_size):
+            d = _pairwise_sq_dists(p, centres[j:j + batch_size])            # (b, c)
+            hit |= (d <= radii[None, j:j + batch_size]).any(dim=1)
+        inside[i:i + batch_size] = hit.cpu()
+    return inside.numpy()
+
+
+def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray, k: int = NHOOD_SIZE,
+                     batch_size: int = 1024, dtype: torch.dtype = torch.float32, device: str = "cpu"
+                     ) -> tuple[float, float]:
+    """Improved precision (share of samples inside the reference manifold) and recall (share of references
+    inside the sample manifold), with k-NN balls; ADM's ``compute_prec_recall`` on pool features."""
+    ref = torch.as_tensor(np.asarray(ref_features), dtype=dtype, device=device)            # (N1, F)
+    gen = torch.as_tensor(np.asarray(sample_features), dtype=dtype, device=device)         # (N2, F)
+    if ref.dim() != 2 or gen.dim() != 2 or ref.shape[1] != gen.shape[1]:
+        raise ConfigError(f"Feature sets disagree in shape: {tuple(ref.shape)} vs {tuple(gen.shape)}.")
+    r_ref = torch.as_tensor(manifold_radii(ref_features, k, batch_size, dtype, device), dtype=dtype, device=device)
+    r_gen = torch.as_tensor(manifold_radii(sample_features, k, batch_size, dtype, device), dtype=dtype,
+                            device=device)
+    precision = float(_within(gen, ref, r_ref, batch_size).mean())
+    recall = float(_within(ref, gen, r_gen, batch_size).mean())
+    return precision, recall

@@ -1,0 +1,53 @@
+"""``stepcache eval``: FID, sFID, Inception Score, precision and recall of a sample npz (ADM's evaluator).
+
+The reference npz may hold images (``arr_0``) and/or precomputed statistics (``mu``, ``sigma``, ``mu_s``,
+``sigma_s``), like ADM's ``VIRTUAL_imagenet256_labeled.npz``. ``--features digits`` uses the embedded
+model's digit classifier so that the whole path runs offline (its numbers are not Inception numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from stepcache.cli.common import environment, positive_int, write_json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="FID / sFID / IS / precision / recall of a sample npz",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=Path, required=True, help="sample batch npz (arr_0: uint8 (N, H, W, 3))")
+    p.add_argument("--ref", type=Path, required=True, help="reference batch npz (images and/or mu/sigma)")
+    p.add_argument("--features", choices=("inception", "digits"), default="inception",
+                   help="feature network (default: %(default)s)")
+    p.add_argument("--inception", type=Path, default=None,
+                   help="path of inception-2015-12-05.pt (default: $STEPCACHE_INCEPTION or "
+                        "~/.cache/stepcache/; downloaded when online)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device for features and distances (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON result file (default: the samples path with suffix .eval.json)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from stepcache.eval.adm import evaluate
+    from stepcache.eval.features import load_extractor
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # metrics in full precision (EDM / ADM practice)
+    torch.backends.cudnn.allow_tf32 = False
+    start = time.perf_counter()
+    extractor = load_extractor(args.features, args.inception, device=args.device)
+    result = evaluate(args.samples, args.ref, extractor, batch_size=args.batch_size, device=args.device)
+    record = {"command": "eval", "samples": str(args.samples), "ref": str(args.ref), "features": args.features,
+              "result": result.as_dict(), "seconds": time.perf_counter() - start, "environment": environment()}
+    out = args.out or args.samples.with_suffix(".eval.json")
+    write_json(out, record)
+    for key in ("inception_score", "fid", "sfid", "precision", "recall"):
+        value = record["result"][key]
+        print(f"{key}: {'n/a' if value is None else f'{value:.4f}'}")
+    print(json.dumps({"written": str(out)}))
+    return 0

@@ -1,0 +1,129 @@
+"""``stepcache sample-ddp``: DiT's sample_ddp.py for FID runs — per-image seeds, resumable, an ADM npz.
+
+Run it under torchrun (``torchrun --nproc_per_node=K -m stepcache sample-ddp ...``; gloo on CPU, NCCL on GPU)
+or as a single process. A killed run restarted with the same command finishes the missing samples and
+ends with the same ``DIR/samples.npz`` as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from stepcache.cli.common import add_cache_options, build_policy, environment, positive_int
+from stepcache.errors import CheckpointError, ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sample-ddp", help="sample N images for FID on K processes (torchrun), resumable",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--num-samples", type=positive_int, required=True, help="number of images N")
+    p.add_argument("--out-dir", type=Path, required=True, help="folder for samples/, samples.npz and the record")
+    p.add_argument("--per-proc-batch-size", type=positive_int, default=32, help="(default: %(default)s)")
+    p.add_argument("--global-seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--model", default="embedded", help="'embedded' (pixel-space digits DiT) or a DiT preset such "
+                   "as DiT-XL/2 (latent, decoded with the SD VAE) (default: %(default)s)")
+    p.add_argument("--ckpt", default=None, help="DiT checkpoint; with --model embedded, a .safetensors file with "
+                   "its .json config beside it (default: the official / shipped weights)")
+    p.add_argument("--random-weights", action="store_true", help="random DiT weights (timing only)")
+    p.add_argument("--image-size", type=int, default=256, help="DiT image size in pixels (default: %(default)s)")
+    p.add_argument("--vae", choices=("ema", "mse"), default="ema", help="SD VAE variant (default: %(default)s)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None,
+                   help="(default: the embedded model's, or ddpm for DiT)")
+    p.add_argument("--steps", "--num-sampling-steps", dest="num_sampling_steps", type=positive_int, default=None,
+                   help="sampling steps (default: the embedded model's, or 250 for DiT)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="guidance scale, 1 = off (default: the embedded model's, or 1.5 as DiT's FID runs)")
+    p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels, not DiT's first 3")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+    add_cache_options(p)
+    p.set_defaults(func=run)
+
+
+def _defaults(args) -> None:
+    if args.model == "embedded":
+        from stepcache.models import embedded
+
+        sampler, steps, cfg = embedded.DEFAULT_SAMPLER, embedded.DEFAULT_STEPS, embedded.DEFAULT_CFG
+    else:
+        sampler, steps, cfg = "ddpm", 250, 1.5
+    args.sampler = args.sampler or sampler
+    args.num_sampling_steps = args.num_sampling_steps or steps
+    args.cfg_scale = cfg if args.cfg_scale is None else args.cfg_scale
+    if args.cfg_scale < 1:
+        raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
+    if args.cache in ("fora", "toca") and args.interval < 1:
+        raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
+
+
+def _load(args):
+    """(model, is_latent)."""
+    if args.model == "embedded":
+        from stepcache.models.embedded import load_embedded
+
+        if args.ckpt and not Path(args.ckpt).is_file():
+            raise CheckpointError(f"checkpoint {args.ckpt} does not exist.")
+        return load_embedded(path=args.ckpt), False
+    from stepcache.cli.common import load_model
+
+    return load_model(argparse.Namespace(model=args.model, ckpt=args.ckpt, random_weights=args.random_weights,
+                                         image_size=args.image_size, seed=args.global_seed))
+
+
+class LatentDecoder:
+    """SD VAE (diffusers) loaded once: latents (n, 4, h, w) -> uint8 (n, 8h, 8w, 3); a clear error without it."""
+
+    def __init__(self, vae: str, device: torch.device):
+        from stepcache.cli.common import hub_reachable
+
+        try:
+            from diffusers.models import AutoencoderKL
+        except Exception:
+            raise CheckpointError("Cannot decode latents: diffusers is not installed.") from None
+        repo = f"stabilityai/sd-vae-ft-{vae}"
+        try:
+            self.vae = AutoencoderKL.from_pretrained(repo, local_files_only=True)
+        except Exception:
+            if not hub_reachable():
+                raise CheckpointError(f"Cannot decode latents: the VAE {repo} is not cached locally and the "
+                                      "Hugging Face Hub cannot be reached.") from None
+            self.vae = AutoencoderKL.from_pretrained(repo)
+        self.vae = self.vae.to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor):
+        from stepcache.cli.common import to_uint8
+
+        return to_uint8(self.vae.decode(latents / 0.18215).sample)
+
+
+def run(args) -> int:
+    import stepcache
+    from stepcache.cli.common import to_uint8
+    from stepcache.sampling.ddp import DDPSampleConfig, init_distributed, run_ddp_sampling
+
+    _defaults(args)
+    policy = build_policy(args)
+    model, is_latent = _load(args)
+    rank, world, device = init_distributed()
+    if is_latent and args.image_size % 8:
+        raise ConfigError(f"--image-size must be a multiple of 8, got {args.image_size}.")
+    decode = LatentDecoder(args.vae, device) if is_latent else to_uint8
+    cfg = DDPSampleConfig(
+        num_samples=args.num_samples, batch_size=args.per_proc_batch_size, global_seed=args.global_seed,
+        num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=float(args.cfg_scale),
+        model=args.model if not args.ckpt else f"{args.model}:{Path(args.ckpt).name}",
+        policy=policy.to_dict() if policy else {"method": "none"},
+        guide_channels="all" if args.guide_all_channels else None)
+    extra = {"environment": environment(), "vae": args.vae if is_latent else None}
+    run_rec = run_ddp_sampling(model, cfg, args.out_dir, decode, policy=policy or stepcache.NoCache(),
+                               progress=not args.no_progress, extra_record=extra)
+    if rank == 0:
+        rate = run_rec.get("samples_per_second")
+        print(f"{args.num_samples} samples in {args.out_dir / 'samples.npz'} ({run_rec['samples_sampled']} sampled "
+              f"now on {world} process(es)" + (f", {rate:.2f} samples/s)" if rate else ")"))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
