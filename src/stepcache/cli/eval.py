@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from stepcache.cli.common import environment, positive_int, write_json
+from stepcache.cli.common import environment, positive_int, require_file, write_json
 
 
 def add_parser(sub) -> None:
@@ -39,6 +39,8 @@ def run(args) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False  # metrics in full precision (EDM / ADM practice)
     torch.backends.cudnn.allow_tf32 = False
+    for path in (args.samples, args.ref):
+        require_file(str(path), "The npz file")
     start = time.perf_counter()
     extractor = load_extractor(args.features, args.inception, device=args.device)
     result = evaluate(args.samples, args.ref, extractor, batch_size=args.batch_size, device=args.device)
