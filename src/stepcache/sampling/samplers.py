@@ -11,9 +11,14 @@ import torch
 from stepcache.diffusion.schedule import Diffusion
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _noise(x: torch.Tensor, generator) -> torch.Tensor:
+    """Noise shaped like x from the global RNG, one generator, or a list of per-sample generators (row r uses
+    ``generator[r % len(generator)]``, so with CFG the cond and uncond rows of image k share image k's)."""
     if generator is None:
         return torch.randn_like(x)
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=generator[r % len(generator)], device=x.device,
+                                        dtype=x.dtype) for r in range(x.shape[0])])
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
