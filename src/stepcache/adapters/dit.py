@@ -66,6 +66,7 @@ class DiTAdapter(Adapter):
                 layer, "attn",
                 full=lambda: block.attn_branch(x, shift1, scale1),
                 with_map=lambda: block.attn.forward_with_map(modulate(block.norm1(x), shift1, scale1)),
+                with_values=lambda: block.attn.forward_with_values(modulate(block.norm1(x), shift1, scale1)),
                 macs=macs["attn"],
             )
             x = x + gate1.unsqueeze(1) * a
@@ -73,7 +74,7 @@ class DiTAdapter(Adapter):
                 layer, "mlp",
                 full=lambda: block.mlp_branch(x, shift2, scale2),
                 tokens=lambda index: block.mlp_branch(gather_tokens(x, index), shift2, scale2),
-                macs=macs["mlp"],
+                macs=macs["mlp"], x=x,
             )
             return x + gate2.unsqueeze(1) * m
 

@@ -123,6 +123,11 @@ class Attention(nn.Module):
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, T, T)
         return self.merge(attn @ v), attn.mean(dim=1)
 
+    def forward_with_values(self, x: torch.Tensor):
+        """Fused (SDPA) attention; returns (output (B, T, D), per-head value norms (B, H, T))."""
+        q, k, v = self.qkv_heads(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v)), torch.norm(v, dim=-1, p=2)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):

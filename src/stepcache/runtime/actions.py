@@ -12,6 +12,7 @@ class Compute:
     """Run the branch on every token and refresh its cache."""
 
     need_map: bool = False  # also produce the attention map (explicit softmax) for scoring
+    need_values: bool = False  # also produce per-head value norms (B, H, T); attention stays fused (SDPA)
 
     kind = "compute"
 

@@ -97,15 +97,20 @@ class CacheHandle:
         return self.ctx
 
     def branch(self, layer: int, name: str, full: Callable, *, with_map: Callable | None = None,
-               tokens: Callable | None = None, macs: Callable[[int], int]) -> torch.Tensor:
+               tokens: Callable | None = None, macs: Callable[[int], int],
+               with_values: Callable | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
         """Run one branch as the policy decides; returns its un-gated output (B, T, D).
 
-        ``full()`` computes it; ``with_map()`` returns (output, attention map); ``tokens(index)``
-        computes it on the tokens ``index`` (B, k) only. ``macs(k)`` is the work for k tokens per row.
+        ``full()`` computes it; ``with_map()`` returns (output, attention map); ``with_values()``
+        returns (output, per-head value norms); ``tokens(index)`` computes it on the tokens ``index``
+        (B, k) only. ``macs(k)`` is the work for k tokens per row. ``x`` (B, T, D), the branch input,
+        is shown to handlers that score tokens from it (``needs_tokens``) before they decide.
         """
         ctx = self.ctx
-        action = self.handler.decide(ctx, layer, name)
         key = (layer, name)
+        if x is not None and getattr(self.handler, "needs_tokens", False):
+            self.handler.see_tokens(ctx, layer, name, x, self.store.get(key))
+        action = self.handler.decide(ctx, layer, name)
         T = self.info.num_tokens
         if action.kind == "compute":
             if action.need_map:
@@ -113,6 +118,11 @@ class CacheHandle:
                     raise StepcacheError(f"branch {name!r} cannot produce an attention map for this policy.")
                 out, attn_map = with_map()
                 self.handler.observe(ctx, layer, name, attn_map=attn_map)
+            elif action.need_values:
+                if with_values is None:
+                    raise StepcacheError(f"branch {name!r} cannot produce value norms for this policy.")
+                out, values = with_values()
+                self.handler.observe(ctx, layer, name, values=values)
             else:
                 out = full()
                 self.handler.observe(ctx, layer, name)

@@ -55,6 +55,14 @@ class CacheStats:
     def tokens(self, i: int, site: str) -> int:
         return self.decisions[i][site]
 
+    def layer_tokens(self, branch: str = "mlp") -> dict[int, list[int]]:
+        """Tokens computed per row by each layer's ``branch`` at each step: ``{i: [k_0, k_1, ...]}``."""
+        table = {}
+        for i in self.steps():
+            per_layer = {int(s.split(".")[0]): k for s, k in self.decisions[i].items() if s.endswith("." + branch)}
+            table[i] = [per_layer[l] for l in sorted(per_layer)]
+        return table
+
     def share_computed(self, branch: str | None = None) -> float:
         """Token evaluations executed over uncached, over all steps and layers (of ``branch``)."""
         done = total = 0

@@ -1,0 +1,257 @@
+"""ToCa: token-wise feature caching (Zou et al., "Accelerating Diffusion Transformers with Token-wise
+Feature Caching", arXiv 2410.05317, ICLR 2025), for DiT.
+
+Full steps compute every block on every token and cache its un-gated attention and MLP outputs;
+partial steps reuse the attention output (DiT: attention is never recomputed partially) and
+recompute the MLP on the k top-scored tokens of each batch row (cond and uncond rows choose their
+own), scattering them into the MLP cache. By default the reference implementation is reproduced
+exactly, quirks included:
+
+- The refresh interval is recomputed at layer 0's full computation
+  (``round_half_even(N / float32(1 + w - 2 w i / S))`` with w = 0.4, or w = 0 for
+  ``fresh_ratio = 0``, and 2 inside ``int(0.2 S) <= i < int(0.4 S)``), and the new value already
+  applies to layers 1.. of the same step: some steps are "mixed" (layer 0 full, the rest partial).
+  ``decision="per-step"`` decides once per step instead (the new interval applies from the next step).
+- k = ``int(float32(clamp(float32(ratio), 0, 1)) * T)``, ratio a Python float from the schedule.
+- The schedules' layer normaliser 27 (hard-coded for 28-layer DiT-XL) is generalised as
+  ``depth - 1`` (exactly 27 for depth 28; 1 for a one-layer model).
+- Scores: see :mod:`stepcache.policies.toca_scores`; then staleness (weight / N) and the 2x2 bonus.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from stepcache.errors import ConfigError
+from stepcache.policies import toca_scores as S
+from stepcache.policies.base import ModelInfo, PolicyConfig, PolicyHandler, register_policy
+from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial
+
+SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerwise", "linear-layerwise",
+             "linear-mode")
+# (step weight, layer weight) of the schedules of the form ratio * layer_f * step_f * module_f.
+_PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
+DECISIONS = ("reference", "per-step")
+COMPUTE_WITH_VALUES = Compute(need_values=True)
+
+
+@dataclass(frozen=True)
+class ToCa(PolicyConfig):
+    """``ToCa(interval=N, fresh_ratio=R, schedule=..., score=...)``.
+
+    interval: forced full-refresh interval N (reference ``fresh_threshold``).
+    fresh_ratio: base share of tokens recomputed on partial steps, before the schedule's factors
+        (reference ``fresh_ratio``; 0.07 in the paper's DiT settings, i.e. 93 % cached).
+    schedule: one of :data:`SCHEDULES` (``ToCa-ddim50`` for DDIM-50, ``ToCa-ddpm250`` for DDPM-250).
+    score: one of :data:`stepcache.policies.toca_scores.SCORES`; ``kv-norm``, ``norm``,
+        ``similarity``, ``random`` and ``straight`` need no attention map (full steps keep SDPA).
+    staleness_weight: weight of the cache-staleness score s3 (reference ``soft_fresh_weight``).
+    bonus / bonus_grid: s4, ``+ max * bonus`` to the arg-max token of each grid x grid cell (0: off).
+    decision: ``"reference"`` (interval re-decided at layer 0, mixed steps) or ``"per-step"``.
+    """
+
+    interval: int = 3
+    fresh_ratio: float = 0.07
+    schedule: str = "ToCa-ddim50"
+    score: str = "attention"
+    staleness_weight: float = 0.25
+    bonus: float = 0.6
+    bonus_grid: int = 2
+    decision: str = "reference"
+    method: ClassVar[str] = "toca"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ConfigError(f"ToCa interval must be an integer >= 1, got {self.interval!r}.")
+        if not _is_real(self.fresh_ratio) or not 0.0 <= self.fresh_ratio <= 1.0:
+            raise ConfigError(f"ToCa fresh_ratio must lie in [0, 1], got {self.fresh_ratio!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"Unknown ToCa schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        if self.score not in S.SCORES:
+            raise ConfigError(f"Unknown ToCa score {self.score!r}; choose one of {', '.join(S.SCORES)}.")
+        if self.decision not in DECISIONS:
+            raise ConfigError(f"ToCa decision must be one of {', '.join(DECISIONS)}, got {self.decision!r}.")
+        for name in ("staleness_weight", "bonus"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ConfigError(f"ToCa {name} must be a finite number >= 0, got {value!r}.")
+        if isinstance(self.bonus_grid, bool) or not isinstance(self.bonus_grid, int) or self.bonus_grid < 1:
+            raise ConfigError(f"ToCa bonus_grid must be an integer >= 1, got {self.bonus_grid!r}.")
+
+    @property
+    def needs_attention_map(self) -> bool:
+        """True when full steps must run explicit-softmax attention (no fused SDPA)."""
+        return self.score in S.MAP_SCORES
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------- schedules
+def next_interval(interval: int, fresh_ratio: float, i: int, num_steps: int) -> int:
+    """The refresh interval set at a full step i (reference op order: float32, reciprocal-multiply,
+    torch.round half-even), and 2 inside the sensitive band int(0.2 S) <= i < int(0.4 S)."""
+    w = 0.4 if fresh_ratio != 0 else 0.0
+    step_factor = torch.tensor(1 + w - 2 * w * i / num_steps)  # float32
+    value = int(torch.round(interval / step_factor))  # N / t is t.reciprocal() * N in torch
+    if fresh_ratio != 0 and int(0.2 * num_steps) <= i < int(0.4 * num_steps):
+        value = 2
+    return value
+
+
+def mlp_ratio(cfg: ToCa, i: int, num_steps: int, layer: int, depth: int) -> float:
+    """Recomputed share of the MLP tokens at step i, layer l (Python float, reference op order)."""
+    r, norm = cfg.fresh_ratio, max(depth - 1, 1)  # norm: 27 for the 28-layer DiT-XL
+    if cfg.schedule in _PRODUCT_WEIGHTS:
+        sw, lw = _PRODUCT_WEIGHTS[cfg.schedule]
+        step_factor = 1 + sw - 2 * sw * i / num_steps
+        layer_factor = 1 + lw - 2 * lw * layer / norm
+        module_factor = 1 + 0.6 * 2.5  # MLP: 1 + module_time_weight * module_weight
+        return r * layer_factor * step_factor * module_factor
+    w = 0.9
+    if cfg.schedule == "constant":
+        return r
+    if cfg.schedule == "linear":
+        return r * (1 + w - 2 * w * i / num_steps)
+    if cfg.schedule == "exp":
+        return r * (w ** (i / num_steps))
+    if cfg.schedule == "layerwise":
+        return r * (1 + w - 2 * w * layer / norm)
+    mode = (i % cfg.interval) / cfg.interval - 0.5  # linear-mode
+    return r * (1 + w - 2 * w * i / num_steps + 0.1 * mode)
+
+
+def tokens_to_compute(ratio: float, num_tokens: int) -> int:
+    """k = int(float32(clamp(float32(ratio), 0, 1)) * T), the product rounded in float32."""
+    share = np.clip(np.float32(ratio), np.float32(0.0), np.float32(1.0))
+    return int(share * np.float32(num_tokens))
+
+
+def full_steps(cfg: ToCa, num_steps: int, depth: int = 28) -> tuple[list[int], list[int]]:
+    """(steps where every layer refreshes, mixed steps where only some do), both descending."""
+    g = cfg.bonus_grid
+    handler = ToCaHandler(cfg, ModelInfo(depth=depth, num_tokens=g * g, grid=(g, g), branches=("attn", "mlp")))
+    handler.reset(None)
+    full, mixed = [], []
+    for i in range(num_steps - 1, -1, -1):
+        flags = [handler.block_full(i, num_steps, layer) for layer in range(depth)]
+        (full if all(flags) else mixed if any(flags) else []).append(i)
+    return full, mixed
+
+
+# ---------------------------------------------------------------------------------- handler
+@register_policy(ToCa)
+class ToCaHandler(PolicyHandler):
+    """Per-run state: refresh interval, per-layer staleness counters (rows, T) int32, and the
+    score inputs of the last full step (attention received or value norms, (rows, T))."""
+
+    needs_tokens: ClassVar[bool] = True  # the runtime shows us the MLP input x (B, T, D) first
+
+    def __init__(self, config: ToCa, info: ModelInfo):
+        super().__init__(config, info)
+        h, w = info.grid
+        if config.bonus > 0 and (h % config.bonus_grid or w % config.bonus_grid):
+            raise ConfigError(f"ToCa's spatial bonus needs a token grid divisible by bonus_grid="
+                              f"{config.bonus_grid}, got {h}x{w}; set bonus=0 or another bonus_grid.")
+        self.reset(None)
+
+    def reset(self, run) -> None:
+        self.run = run
+        self.interval = self.config.interval
+        self.block_flags = [False] * self.info.depth  # full or partial, per layer, this step
+        self.step_seen = None  # per-step decision: the step already decided, and its flag
+        self.step_flag = False
+        self.counters: dict[int, torch.Tensor | None] = {}  # (rows, T) int32; None: all zero
+        self.saved: dict[int, torch.Tensor] = {}  # (rows, T) score part from the last full step
+        self.x = self.cached = None
+
+    # ------------------------------------------------------------------ step type
+    def block_full(self, i: int, num_steps: int, layer: int) -> bool:
+        """Whether block ``layer`` computes fully at step i; updates the interval like the reference."""
+        cfg, first = self.config, i == num_steps - 1
+        if cfg.decision == "per-step":
+            if self.step_seen != i:
+                self.step_seen, self.step_flag = i, first or i % self.interval == 0
+                if self.step_flag:
+                    self.interval = next_interval(cfg.interval, cfg.fresh_ratio, i, num_steps)
+            return self.step_flag
+        interval = cfg.interval if first else self.interval
+        full = first or i % interval == 0
+        if full and layer == 0:  # the new interval already applies to layers 1.. of this step
+            self.interval = next_interval(cfg.interval, cfg.fresh_ratio, i, num_steps)
+        return full
+
+    # ------------------------------------------------------------------ runtime API
+    def see_tokens(self, ctx, layer: int, branch: str, x: torch.Tensor, cached) -> None:
+        if branch == "mlp":
+            self.x, self.cached = x, cached  # (B, T, D) each
+
+    def decide(self, ctx, layer: int, branch: str):
+        if branch == "attn":
+            full = self.block_full(ctx.i, ctx.num_steps, layer)
+            self.block_flags[layer] = full
+            if not full:
+                return REUSE
+            score = self.config.score if self.config.fresh_ratio > 0 else None  # R = 0: exactly FORA
+            return COMPUTE_WITH_MAP if score in S.MAP_SCORES else COMPUTE_WITH_VALUES if score == "kv-norm" \
+                else COMPUTE
+        full = self.block_flags[layer]
+        if full:
+            self.counters[layer] = None
+            return COMPUTE
+        return Partial(self.select(ctx, layer))
+
+    def observe(self, ctx, layer: int, branch: str, attn_map=None, values=None) -> None:
+        if attn_map is not None:  # (B, T, T); keep only what the score needs, (B, T)
+            fn = S.attention_over_max if self.config.score == "compress" else S.attention_received
+            self.saved[layer] = fn(attn_map)
+        elif values is not None:  # (B, H, T)
+            self.saved[layer] = S.value_norm_score(values)
+
+    # ------------------------------------------------------------------ token selection
+    def select(self, ctx, layer: int) -> torch.Tensor:
+        """Top-k token indices (rows, k) of ``layer`` at a partial step; updates the staleness counter."""
+        x = self.x  # (B, T, D)
+        rows, T = x.shape[0], x.shape[1]
+        k = tokens_to_compute(mlp_ratio(self.config, ctx.i, ctx.num_steps, layer, self.info.depth), T)
+        counter = self.counters.get(layer)
+        if counter is None:
+            counter = torch.zeros(rows, T, dtype=torch.int32, device=x.device)
+            self.counters[layer] = counter
+        index = torch.empty(rows, 0, dtype=torch.long, device=x.device)
+        if k or (self.config.score in S.RANDOM_SCORES and self.config.fresh_ratio > 0):  # RNG drawn as reference
+            score = self.score(layer, counter, x)
+            index = score.argsort(dim=-1, descending=True)[:, :k]  # per row: cond and uncond apart
+        counter += 1
+        counter.scatter_(1, index, 0)
+        return index
+
+    def score(self, layer: int, counter: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Score (rows, T): base score + staleness s3 + spatial bonus s4."""
+        cfg = self.config
+        s = self.base_score(layer, x)
+        s = S.with_staleness(s, counter, cfg.staleness_weight, cfg.interval)
+        if cfg.bonus > 0:
+            s = S.spatial_bonus(s, self.info.grid, cfg.bonus, cfg.bonus_grid)
+        return s
+
+    def base_score(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        name, rows, T = self.config.score, x.shape[0], x.shape[1]
+        cfg_rows = bool(self.run is not None and self.run.cfg)
+        if name in ("attention", "kv-norm"):
+            return self.saved[layer]
+        if name == "random":
+            return S.random_score(rows, T, cfg_rows, x.device)
+        if name == "compress":
+            return 0.5 * S.random_score(rows, T, cfg_rows, x.device, on_cpu=True) + 0.5 * self.saved[layer]
+        if name == "norm":
+            return S.norm_score(x)
+        if name == "similarity":
+            return S.similarity_score(x, self.cached)
+        return torch.ones(rows, T, device=x.device)  # straight
