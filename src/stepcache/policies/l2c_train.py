@@ -366,7 +366,7 @@ def train_router(model, data, cfg: RouterTrainConfig, *, checkpoint: str | Path 
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.4g}", skip=f"{skip_share(router, cfg.threshold):.1%}")
             if on_step is not None:
-                on_step(done, float(loss))
+                on_step(done, float(loss.detach()))
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
