@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One sampling run: S steps over ``batch`` rows; with CFG the rows are [cond; uncond]."""
+    """One sampling run: S steps over ``batch`` rows; with CFG the rows are [cond; uncond]
+    (``uncond_first``: [uncond; cond], as diffusers' PixArt and SD3 pipelines batch them)."""
 
     num_steps: int
     batch: int
     cfg: bool = False
+    uncond_first: bool = False
 
 
 @dataclass(frozen=True)

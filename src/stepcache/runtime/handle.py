@@ -174,4 +174,13 @@ def apply(model, policy: PolicyConfig) -> CacheHandle:
     if not isinstance(policy, PolicyConfig):
         raise StepcacheError(f"policy must be a stepcache policy config such as FORA(3), got {type(policy).__name__}.")
     target, adapter = find_adapter(model)
-    return CacheHandle(target, adapter, policy).install()
+    handle = CacheHandle(target, adapter, policy).install()
+    if target is not model:  # a diffusers pipeline: its own loop publishes the clock
+        from stepcache.sampling.diffusers_bridge import attach_pipeline
+
+        try:
+            handle._patches.append(attach_pipeline(model, handle))
+        except Exception:
+            handle.remove()
+            raise
+    return handle

@@ -1,0 +1,407 @@
+"""Shared plumbing of the diffusers adapters: removable hooks on the real diffusers block modules.
+
+A family file only declares *sites* (which sub-module of which block is a cacheable branch, and of
+what kind); this module routes every site through ``handle.branch`` by patching the sub-module's
+``forward`` on the instance (diffusers ``hooks/hooks.py`` style), never editing diffusers source.
+The block's own ``forward`` still runs, so norms, modulation, gates and residuals are diffusers'
+code: a policy that computes everything is bit-identical to the plain model.
+
+Kinds of site:
+- ``token``: a token-wise module (``FeedForward``, ``Linear``) on the image tokens; supports
+  ``Partial(index)`` (gather the k rows of its input, run, scatter).
+- ``cross``: a cross-attention ``Attention`` (image queries, text keys); supports ``Partial`` (only
+  the selected queries) and ``Compute(need_map=True)`` (head-mean softmax map (B, T, L)).
+- ``self``: a self-attention ``Attention`` on the image tokens; Compute/Reuse, with a map (B, T, T).
+- ``joint``: a joint text+image attention returning (image, text) outputs (SD3, FLUX); Compute/Reuse
+  only. The two outputs are stored as one tensor [image; text] along dim 1.
+- ``text``: a token-wise module on the text stream; Compute/Reuse only.
+- ``split``: a token-wise module on a single-stream sequence [text; image] (FLUX single blocks); the
+  image part supports ``Partial``; the text part is recomputed on full computations and reused on
+  partial ones. Stored as [image; text] so that token index j is image token j.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from stepcache.adapters.base import Adapter
+from stepcache.errors import ClockError, ConfigError
+from stepcache.policies.base import ModelInfo
+from stepcache.runtime.hooks import ForwardPatch
+
+_MISSING = object()
+
+
+def diffusers_available() -> bool:
+    return importlib.util.find_spec("diffusers") is not None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One cacheable branch of a block: policy-facing ``branch`` name, block attribute ``module``, ``kind``."""
+
+    branch: str
+    module: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """A ``ModuleList`` of blocks (``attr`` on the transformer) and the sites of each of its blocks."""
+
+    attr: str
+    sites: tuple[Site, ...]
+
+
+class Geometry:
+    """Token counts of the current model call (they depend on the resolution and prompt length)."""
+
+    def __init__(self, num_tokens: int, grid: tuple[int, int]):
+        self.num_tokens, self.grid, self.text_len = num_tokens, grid, 0
+
+
+class AttrPatch:
+    """Set an attribute on one instance; ``restore()`` puts back exactly what its ``__dict__`` held."""
+
+    def __init__(self, obj, name: str, value):
+        self.obj, self.name = obj, name
+        self.previous = obj.__dict__.get(name, _MISSING)
+        setattr(obj, name, value)
+
+    def restore(self) -> None:
+        if self.previous is _MISSING:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            setattr(self.obj, self.name, self.previous)
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), index (B, k) -> (B, k, D)."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def linear_macs(module: nn.Module) -> int:
+    """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def attention_with_map(attn, x: torch.Tensor, context: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None):
+    """Explicit-softmax attention of a standard diffusers ``Attention`` (no RoPE).
+
+    x (B, T, D) queries, context (B, L, Dc) keys/values (x itself if None), mask as the processor
+    takes it. Returns the output (B, T, D) and the head-mean softmax map (B, T, L).
+    """
+    B, T, _ = x.shape
+    ctx = x if context is None else context
+    if context is not None and attn.norm_cross:
+        ctx = attn.norm_encoder_hidden_states(ctx)
+    q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
+    H = attn.heads
+    hd = k.shape[-1] // H
+    q, k, v = (z.view(B, -1, H, hd).transpose(1, 2) for z in (q, k, v))  # (B, H, N, hd)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, T, L)
+    if mask is not None:
+        bias = attn.prepare_attention_mask(mask, k.shape[2], B)
+        scores = scores + bias.view(B, H, -1, bias.shape[-1])
+    p = scores.softmax(dim=-1)
+    out = (p @ v).transpose(1, 2).reshape(B, T, H * hd).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    return out / attn.rescale_output_factor, p.mean(dim=1)
+
+
+def value_norms(attn, x: torch.Tensor) -> torch.Tensor:
+    """Per-head L2 norms of the value vectors of the image tokens x (B, T, D) -> (B, H, T)."""
+    v = attn.to_v(x)  # (B, T, H * hd)
+    return torch.norm(v.view(x.shape[0], x.shape[1], attn.heads, -1), dim=-1, p=2).transpose(1, 2)
+
+
+def _call_args(forward, args, kwargs) -> inspect.BoundArguments:
+    return inspect.signature(forward).bind_partial(*args, **kwargs)
+
+
+def _replace_first(bound: inspect.BoundArguments, name: str, value):
+    """Call arguments with the first argument ``name`` replaced."""
+    arguments = dict(bound.arguments)
+    arguments[name] = value
+    return arguments
+
+
+class DiffusersAdapter(Adapter):
+    """Base of a declarative diffusers family: subclasses set the class attributes below."""
+
+    class_names: tuple[str, ...] = ()  # diffusers model classes of the family
+    groups: tuple[BlockGroup, ...] = ()
+    timestep_scale: float = 1.0  # transformer timestep * scale == scheduler.timesteps entry
+    cfg_layout: str = "uncond_first"  # or "cond_first" (DiTPipeline), "separate_calls" (FLUX true CFG)
+    image_modules: tuple[str, ...] = ()  # non-block modules run on every image token (for MACs)
+    text_modules: tuple[str, ...] = ()  # non-block modules run on every text token (for MACs)
+
+    # ------------------------------------------------------------------ declaration helpers
+    def matches(self, model) -> bool:
+        return any(c.__name__ in self.class_names and c.__module__.startswith("diffusers.")
+                   for c in type(model).__mro__)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        names: list[str] = []
+        for group in self.groups:
+            names += [s.branch for s in group.sites if s.branch not in names]
+        return tuple(names)
+
+    def blocks(self, model) -> list[tuple[nn.Module, BlockGroup]]:
+        return [(block, g) for g in self.groups for block in getattr(model, g.attr)]
+
+    def default_grid(self, model) -> tuple[int, int]:
+        cfg = model.config
+        side = int(getattr(cfg, "sample_size", 32) or 32) // int(getattr(cfg, "patch_size", 1) or 1)
+        return side, side
+
+    def geometry(self, model, call: inspect.BoundArguments) -> tuple[int, tuple[int, int], int]:
+        """(image tokens T, grid, text tokens L) of one call; latents (B, C, H, W) by default."""
+        x = call.arguments["hidden_states"]
+        p = int(model.config.patch_size)
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        ctx = call.arguments.get("encoder_hidden_states")
+        return grid[0] * grid[1], grid, (0 if ctx is None else ctx.shape[1])
+
+    def info(self, model) -> ModelInfo:
+        grid = self.default_grid(model)
+        return ModelInfo(depth=len(self.blocks(model)), num_tokens=grid[0] * grid[1], grid=grid,
+                         branches=self.branches, family=self.family)
+
+    # ------------------------------------------------------------------ installation
+    def install(self, model, handle) -> list:
+        refuse_diffusers_cache(model)
+        geom = Geometry(handle.info.num_tokens, handle.info.grid)
+        patches = [ForwardPatch(model, lambda original: self._model_forward(model, original, handle, geom))]
+        if hasattr(model, "enable_cache"):
+            patches.append(AttrPatch(model, "enable_cache", _refuse_enable_cache))
+        extra = _branch_extras(handle)
+        for layer, (block, group) in enumerate(self.blocks(model)):
+            for site in group.sites:
+                module = getattr(block, site.module, None)
+                if module is None:  # e.g. SD3's last block has no text MLP
+                    continue
+                make = SITE_KINDS[site.kind]
+                patches.append(ForwardPatch(module, lambda orig, m=module, s=site, l=layer:
+                                            make(orig, m, s, l, handle, geom, extra)))
+        return patches
+
+    def _model_forward(self, model, original, handle, geom: Geometry):
+        fixed_per_token = self._fixed_macs(model)
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            call = _call_args(original, args, kwargs)
+            T, grid, L = self.geometry(model, call)
+            clock = getattr(handle, "clock", None)
+            set_geometry(handle, T, grid, new_run=clock is not None and clock.starting)
+            geom.num_tokens, geom.grid, geom.text_len = T, grid, L
+            rows = call.arguments["hidden_states"].shape[0]
+            if clock is not None:
+                clock.on_model_call(rows, call.arguments.get("timestep"), self)
+            fixed = fixed_per_token[0] * T + fixed_per_token[1] * L + fixed_per_token[2]
+            handle.before_call(rows, rows * fixed)
+            return original(*args, **kwargs)
+
+        return forward
+
+    def _fixed_macs(self, model) -> tuple[int, int, int]:
+        """Work outside the sites, per image token, per text token, and per row (adaLN, embeddings)."""
+        site_ids = {id(getattr(b, s.module)) for b, g in self.blocks(model) for s in g.sites
+                    if getattr(b, s.module, None) is not None}
+        site_names = [n for n, m in model.named_modules() if id(m) in site_ids]
+        per_image = per_text = per_row = 0
+        for name, m in model.named_modules():
+            work = _module_work(m)
+            if not work or any(name == s or name.startswith(s + ".") for s in site_names):
+                continue
+            if any(name == n or name.startswith(n + ".") for n in self.image_modules):
+                per_image += work
+            elif any(name == n or name.startswith(n + ".") for n in self.text_modules):
+                per_text += work
+            else:
+                per_row += work
+        return per_image, per_text, per_row
+
+
+def _module_work(m: nn.Module) -> int:
+    """MACs per position of a Linear or Conv2d layer (0 for anything else)."""
+    if isinstance(m, nn.Linear):
+        return m.in_features * m.out_features
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+    return 0
+
+
+def set_geometry(handle, num_tokens: int, grid: tuple[int, int], new_run: bool = False) -> None:
+    """Update the handle's ModelInfo to this call's token count (resolution set at call time).
+
+    Allowed before the first model call of a run (``new_run``: a pipeline call is about to begin
+    one); the handler is reset with the new info. A change in the middle of a run raises.
+    """
+    if (num_tokens, tuple(grid)) == (handle.info.num_tokens, tuple(handle.info.grid)):
+        return
+    if handle.stats().nfe and not new_run:
+        raise ClockError(f"The resolution changed within a sampling run ({handle.info.num_tokens} -> "
+                         f"{num_tokens} tokens); start a new run first.")
+    handle.info = replace(handle.info, num_tokens=num_tokens, grid=tuple(grid))
+    handle.handler.info = handle.info
+    handle.stats().num_tokens = num_tokens
+    if handle.run is not None:
+        handle.handler.reset(handle.run)
+
+
+def refuse_diffusers_cache(model) -> None:
+    """stepcache and diffusers' own caches on one model would both skip work: refuse the combination."""
+    enabled = getattr(model, "is_cache_enabled", False)
+    hooked = any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in model.modules())
+    if enabled or hooked:
+        raise ConfigError(f"{type(model).__name__} already has diffusers hooks or a diffusers cache "
+                          "(enable_cache); disable them before stepcache.apply().")
+
+
+def _refuse_enable_cache(*args, **kwargs):
+    raise ConfigError("This model has a stepcache policy applied; call handle.remove() before enable_cache().")
+
+
+def _branch_extras(handle) -> set:
+    """Optional keyword arguments this runtime's ``branch`` accepts (``x``, ``with_values``)."""
+    return set(inspect.signature(handle.branch).parameters) & {"x", "with_values"}
+
+
+# ---------------------------------------------------------------------------------- site kinds
+def _token_site(original, module, site, layer, handle, geom, extra):
+    per_token = linear_macs(module)
+
+    def forward(hidden_states, *args, **kwargs):  # (B, T, D)
+        kw = {"x": hidden_states} if "x" in extra else {}
+        return handle.branch(
+            layer, site.branch,
+            full=lambda: original(hidden_states, *args, **kwargs),
+            tokens=lambda index: original(gather_tokens(hidden_states, index), *args, **kwargs),
+            macs=lambda k: k * per_token, **kw)
+
+    return forward
+
+
+def _text_site(original, module, site, layer, handle, geom, extra):
+    per_token = linear_macs(module)
+
+    def forward(hidden_states, *args, **kwargs):  # (B, L, D): text stream, Compute/Reuse only
+        L = hidden_states.shape[1]
+        return handle.branch(layer, site.branch, full=lambda: original(hidden_states, *args, **kwargs),
+                             macs=lambda k: k * L * per_token // max(geom.num_tokens, 1))
+
+    return forward
+
+
+def _attention_macs(module, geom, queries_all: bool, keys) -> callable:
+    per_token = linear_macs(module)
+    inner = module.inner_dim if hasattr(module, "inner_dim") else module.to_q.out_features
+
+    def macs(k: int) -> int:
+        T = geom.num_tokens
+        n = keys()
+        if queries_all:  # work scales with the share of the call that ran
+            full = n * per_token + 2 * n * n * inner
+            return full * k // max(T, 1)
+        return k * 2 * n * inner + (k * per_token if k else 0)
+
+    return macs
+
+
+def _self_site(original, module, site, layer, handle, geom, extra):
+    macs = _attention_macs(module, geom, True, lambda: geom.num_tokens)
+
+    def forward(hidden_states, *args, **kwargs):  # (B, T, D)
+        call = _call_args(original, (hidden_states,) + args, kwargs)
+        mask = call.arguments.get("attention_mask")
+        full = lambda: original(hidden_states, *args, **kwargs)  # noqa: E731
+        kw = {"with_values": lambda: (full(), value_norms(module, hidden_states))} if "with_values" in extra else {}
+        return handle.branch(layer, site.branch, full=full, macs=macs,
+                             with_map=lambda: attention_with_map(module, hidden_states, None, mask), **kw)
+
+    return forward
+
+
+def _cross_site(original, module, site, layer, handle, geom, extra):
+    macs = _attention_macs(module, geom, False, lambda: geom.text_len)
+
+    def forward(*args, **kwargs):
+        call = _call_args(original, args, kwargs)
+        x = call.arguments["hidden_states"]  # (B, T, D) image queries
+        ctx, mask = call.arguments.get("encoder_hidden_states"), call.arguments.get("attention_mask")
+
+        def on(index):  # only the queries ``index`` (B, k)
+            return original(**_replace_first(call, "hidden_states", gather_tokens(x, index)))
+
+        kw = {"x": x} if "x" in extra else {}
+        return handle.branch(layer, site.branch, full=lambda: original(*args, **kwargs), tokens=on,
+                             with_map=lambda: attention_with_map(module, x, ctx, mask), macs=macs, **kw)
+
+    return forward
+
+
+def _joint_site(original, module, site, layer, handle, geom, extra):
+    macs = _attention_macs(module, geom, True, lambda: geom.num_tokens + geom.text_len)
+
+    def forward(*args, **kwargs):
+        call = _call_args(original, args, kwargs)
+        T = call.arguments["hidden_states"].shape[1]
+        pair = call.arguments.get("encoder_hidden_states") is not None
+
+        def full():  # (B, T [+ L], D): [image; text]
+            out = original(*args, **kwargs)
+            if isinstance(out, tuple):
+                if len(out) != 2:
+                    raise ConfigError("stepcache supports joint attention with two outputs (no IP-adapter).")
+                return out[0] if out[1] is None else torch.cat(out, dim=1)
+            return out
+
+        image = call.arguments["hidden_states"]
+        if pair:
+            image_part = image
+        else:  # single stream [text; image]
+            image_part = image[:, geom.text_len:]
+        kw = {"with_values": lambda: (full(), value_norms(module, image_part))} if "with_values" in extra else {}
+        out = handle.branch(layer, site.branch, full=full, macs=macs, **kw)
+        if not pair:
+            return out
+        return out[:, :T], (out[:, T:] if out.shape[1] > T else None)
+
+    return forward
+
+
+def _split_site(original, module, site, layer, handle, geom, extra):
+    per_token = linear_macs(module)
+
+    def forward(hidden_states, *args, **kwargs):  # (B, L + T, D): [text; image]
+        L = geom.text_len
+        image = hidden_states[:, L:]  # (B, T, D)
+
+        def full():  # stored as [image; text]
+            out = original(hidden_states, *args, **kwargs)
+            return torch.cat([out[:, L:], out[:, :L]], dim=1)
+
+        kw = {"x": image} if "x" in extra else {}
+        out = handle.branch(layer, site.branch, full=full,
+                            tokens=lambda index: original(gather_tokens(image, index), *args, **kwargs),
+                            macs=lambda k: k * per_token + (L * per_token if k == geom.num_tokens else 0), **kw)
+        T = out.shape[1] - L
+        return torch.cat([out[:, T:], out[:, :T]], dim=1)
+
+    return forward
+
+
+SITE_KINDS = {"token": _token_site, "text": _text_site, "self": _self_site, "cross": _cross_site,
+              "joint": _joint_site, "split": _split_site}

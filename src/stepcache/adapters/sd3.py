@@ -1,0 +1,31 @@
+"""diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 MMDiT, Esser et al., arXiv 2403.03206) in
+``StableDiffusion3Pipeline``.
+
+``JointTransformerBlock``: one joint attention over [image; text] tokens (branch "attn", both
+outputs cached together), an optional second image self-attention (SD3.5, branch "attn2"), the
+image MLP (``ff``, branch "mlp") and the text MLP (``ff_context``, branch "context_mlp"; absent in
+the last block).
+
+Treatment under ToCa: the joint attention mixes every token with every other, so it is computed
+in full or reused whole (like DiT's self-attention on partial steps); only the image MLP is partial
+(top-k image tokens); the text stream is computed on full steps and reused otherwise (a policy
+must answer Compute/Reuse for "context_mlp"). The pipeline batches CFG as [uncond; cond] and passes
+the scheduler's timestep (sigma * 1000) unchanged.
+"""
+
+from __future__ import annotations
+
+from stepcache.adapters.base import register_adapter
+from stepcache.adapters.diffusers_common import BlockGroup, DiffusersAdapter, Site
+
+
+@register_adapter
+class SD3Adapter(DiffusersAdapter):
+    family = "diffusers.SD3Transformer2DModel"
+    class_names = ("SD3Transformer2DModel",)
+    groups = (BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("attn2", "attn2", "self"),
+                                                Site("mlp", "ff", "token"),
+                                                Site("context_mlp", "ff_context", "text"))),)
+    cfg_layout = "uncond_first"
+    image_modules = ("pos_embed", "proj_out")
+    text_modules = ("context_embedder",)

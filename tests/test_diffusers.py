@@ -1,0 +1,311 @@
+"""diffusers integration: tiny random configurations of the real classes and pipelines, built offline.
+
+Prompt embeddings are passed directly (no tokenizer, no hub), latents come out with
+``output_type="latent"`` (DiT decodes with a one-level AutoencoderKL). Zero-initialised layers are
+re-randomised, so caching changes the output.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # the text-to-image pipelines import it even without encoders
+
+import stepcache  # noqa: E402
+from stepcache import FORA, NoCache  # noqa: E402
+from stepcache.errors import ClockError, ConfigError, UnsupportedModelError  # noqa: E402
+from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy  # noqa: E402
+from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Partial  # noqa: E402
+from stepcache.runtime.context import StepContext  # noqa: E402
+from helpers import randomize  # noqa: E402
+
+STEPS = 3
+
+
+# ------------------------------------------------------------------------------ recording test policy
+@dataclass(frozen=True)
+class Probe(PolicyConfig):
+    """Test policy: compute at the first step, then reuse ``attn``, recompute ``partial`` branches on the
+    first ``k`` tokens (or all with k=None), ask for maps on ``map_branch``; records every context."""
+
+    k: int | None = None
+    partial: tuple = ()
+    map_branch: str = ""
+    method: ClassVar[str] = "test-probe"
+
+
+@register_policy(Probe)
+class ProbeHandler(PolicyHandler):
+    def reset(self, run):
+        super().reset(run)
+        self.seen, self.maps, self.runs = [], [], getattr(self, "runs", []) + [run]
+
+    def decide(self, ctx, layer, branch):
+        self.seen.append((ctx.i, ctx.call, layer, branch))
+        if ctx.is_first:
+            return COMPUTE_WITH_MAP if branch == self.config.map_branch else COMPUTE
+        if branch in self.config.partial:
+            T = self.info.num_tokens
+            k = T if self.config.k is None else self.config.k
+            return Partial(torch.arange(k).expand(self.run.batch, k))
+        return REUSE
+
+    def observe(self, ctx, layer, branch, attn_map=None, **kw):
+        if attn_map is not None:
+            self.maps.append(attn_map)
+
+
+# ------------------------------------------------------------------------------ tiny families
+def _seed(seed=0):
+    torch.manual_seed(seed)
+
+
+def build_dit():
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    _seed()
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                               num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, layers_per_block=1)
+    return DiTPipeline(transformer=randomize(tr).eval(), vae=vae.eval(), scheduler=DDIMScheduler())
+
+
+def run_dit(pipe, rows=(0,), steps=STEPS, cfg=4.0):
+    gens = [torch.Generator().manual_seed(r) for r in rows]
+    return pipe(class_labels=[3 + r for r in rows], guidance_scale=cfg, generator=gens, num_inference_steps=steps,
+                output_type="pt").images
+
+
+def _embeds(rows, L, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randn(1, L, D, generator=torch.Generator().manual_seed(seed + r)) for r in rows]), g
+
+
+def _latents(rows, shape):
+    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(100 + r)) for r in rows])
+
+
+def build_pixart():
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    _seed()
+    tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=2, cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2,
+                                  norm_type="ada_norm_single", use_additional_conditions=False,
+                                  norm_elementwise_affine=False, norm_eps=1e-6)
+    return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize(tr).eval(),
+                               scheduler=DPMSolverMultistepScheduler())
+
+
+def run_pixart(pipe, rows=(0,), steps=STEPS, cfg=4.5):
+    pe, _ = _embeds(rows, 6, 32, 0)
+    ne, _ = _embeds(rows, 6, 32, 50)
+    mask = torch.ones(len(rows), 6)
+    mask[:, 5:] = 0  # one padding token
+    return pipe(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=mask,
+                negative_prompt_embeds=ne, negative_prompt_attention_mask=torch.ones(len(rows), 6), height=64,
+                width=64, latents=_latents(rows, (4, 8, 8)), num_inference_steps=steps, guidance_scale=cfg,
+                output_type="latent", use_resolution_binning=False).images
+
+
+def build_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    _seed()
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                               num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                               pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16)
+    return StableDiffusion3Pipeline(transformer=randomize(tr).eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+
+
+def run_sd3(pipe, rows=(0,), steps=STEPS, cfg=5.0):
+    pe, _ = _embeds(rows, 6, 32, 0)
+    ne, _ = _embeds(rows, 6, 32, 50)
+    pp = torch.cat([torch.randn(1, 32, generator=torch.Generator().manual_seed(7 + r)) for r in rows])
+    return pipe(prompt=None, prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp,
+                negative_pooled_prompt_embeds=-pp, height=64, width=64, latents=_latents(rows, (4, 8, 8)),
+                num_inference_steps=steps, guidance_scale=cfg, output_type="latent").images
+
+
+def build_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    _seed()
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                guidance_embeds=False, axes_dims_rope=(2, 2, 4))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=randomize(tr).eval())
+
+
+def run_flux(pipe, rows=(0,), steps=STEPS, cfg=1.0):
+    pe, _ = _embeds(rows, 6, 32, 0)
+    pp = torch.cat([torch.randn(1, 32, generator=torch.Generator().manual_seed(7 + r)) for r in rows])
+    extra = {}
+    if cfg > 1:  # true CFG: the transformer is called twice per step
+        extra = dict(true_cfg_scale=cfg, negative_prompt_embeds=_embeds(rows, 6, 32, 50)[0],
+                     negative_pooled_prompt_embeds=-pp)
+    return pipe(prompt=None, prompt_embeds=pe, pooled_prompt_embeds=pp, height=64, width=64,
+                latents=_latents(rows, (16, 16)), num_inference_steps=steps, output_type="latent", **extra).images
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FAMILIES = {"dit": (build_dit, run_dit), "pixart": (build_pixart, run_pixart), "sd3": (build_sd3, run_sd3),
+            "flux": (build_flux, run_flux)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    build, run = FAMILIES[request.param]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    return request.param, pipe, run, run(pipe)
+
+
+# ------------------------------------------------------------------------------ invariants per family
+def test_noop_equals_uncached_and_remove_restores(family):
+    name, pipe, run, base = family
+    cls, tr = type(pipe), pipe.transformer
+    with stepcache.apply(pipe, FORA(1)) as handle:
+        assert type(pipe).__name__ == cls.__name__
+        assert torch.equal(run(pipe), base)
+        stats = handle.stats()
+        assert stats.nfe == STEPS * (1 if name != "flux" else 1) and stats.ideal_speedup == 1.0
+    assert type(pipe) is cls and "forward" not in tr.__dict__ and "step" not in pipe.scheduler.__dict__
+    assert all("forward" not in m.__dict__ for m in tr.modules())
+    assert torch.equal(run(pipe), base)
+
+
+def test_active_fora_changes_output_and_saves_work(family):
+    name, pipe, run, base = family
+    with stepcache.apply(pipe, FORA(2)) as handle:
+        out = run(pipe)
+        stats = handle.stats()
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-7
+    assert stats.full_steps() == [2, 0] and stats.macs_executed < stats.macs_uncached
+
+
+def test_batch_rows_are_independent(family):
+    name, pipe, run, _ = family
+    with stepcache.apply(pipe, FORA(2)):
+        both = run(pipe, rows=(0, 1))
+        one = run(pipe, rows=(1,))
+    assert torch.allclose(both[1:], one, atol=1e-5, rtol=1e-4)
+
+
+def test_clock_follows_the_scheduler_and_resets_each_call(family):
+    name, pipe, run, _ = family
+    with stepcache.apply(pipe, Probe()) as handle:
+        run(pipe, steps=3)
+        run(pipe, rows=(0, 1), steps=5)
+        seen, runs = handle.handler.seen, handle.handler.runs
+    steps = sorted({i for i, *_ in seen}, reverse=True)
+    assert steps == [4, 3, 2, 1, 0]
+    nums = [r.num_steps for r in runs if r is not None]
+    assert 3 in nums and nums[-1] == 5 and nums.index(5) > max(n for n, s in enumerate(nums) if s == 3)
+    cfg = name != "flux"
+    assert runs[-1].cfg is cfg and runs[-1].batch == (4 if cfg else 2)
+    assert runs[-1].uncond_first is (name in ("pixart", "sd3"))
+
+
+def test_partial_on_all_tokens_matches_full(family):
+    name, pipe, run, base = family
+    partial = ("mlp", "cross")
+    with stepcache.apply(pipe, Probe(k=None, partial=partial)):
+        every = run(pipe)
+    with stepcache.apply(pipe, Probe(partial=())):  # everything reused after the first step
+        reused = run(pipe)
+    assert torch.isfinite(every).all() and (every - reused).abs().max() > 1e-7
+
+
+# ------------------------------------------------------------------------------ family specifics
+def test_pixart_cross_attention_map_for_toca():
+    pipe = build_pixart()
+    with stepcache.apply(pipe, Probe(map_branch="cross")) as handle:
+        run_pixart(pipe, steps=2)
+        maps = handle.handler.maps
+    assert len(maps) == 2 and maps[0].shape == (2, 16, 6)  # CFG rows, image tokens, text tokens
+    assert torch.allclose(maps[0].sum(-1), torch.ones(2, 16), atol=1e-5)
+    assert maps[0][1, :, 5].abs().max() < 1e-3  # the cond row's padding token gets no attention
+
+
+def test_flux_true_cfg_two_calls_per_step():
+    pipe = build_flux()
+    pipe.set_progress_bar_config(disable=True)
+    base = run_flux(pipe, cfg=3.0, steps=2)
+    with stepcache.apply(pipe, Probe()) as handle:
+        run_flux(pipe, cfg=3.0, steps=2)
+        calls = sorted({(i, call) for i, call, *_ in handle.handler.seen}, reverse=True)
+    assert calls == [(1, 1), (1, 0), (0, 1), (0, 0)]
+    with stepcache.apply(pipe, FORA(1)) as handle:
+        assert torch.equal(run_flux(pipe, cfg=3.0, steps=2), base)
+        assert handle.stats().nfe == 4
+
+
+def test_bare_transformer_needs_a_clock():
+    pipe = build_pixart()
+    tr = pipe.transformer
+    x = torch.randn(1, 4, 8, 8)
+    kw = dict(encoder_hidden_states=torch.randn(1, 6, 32), timestep=torch.tensor([500]),
+              added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    base = tr(x, **kw).sample
+    with stepcache.apply(tr, FORA(2)) as handle:
+        with pytest.raises(ClockError):
+            tr(x, **kw)
+        handle.begin_run(2, 1)
+        handle.set_step(StepContext(i=1, num_steps=2, t=500.0))
+        assert torch.equal(tr(x, **kw).sample, base)
+        assert handle.info.num_tokens == 16 and handle.info.grid == (4, 4)
+    assert torch.equal(tr(x, **kw).sample, base)
+
+
+def test_resolution_is_read_at_call_time():
+    pipe = build_pixart()
+    with stepcache.apply(pipe, NoCache()) as handle:
+        run_pixart(pipe, steps=2)
+        assert handle.info.num_tokens == 16
+        pe = torch.randn(1, 6, 32)
+        pipe(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=torch.ones(1, 6),
+             negative_prompt_embeds=pe, negative_prompt_attention_mask=torch.ones(1, 6), height=128, width=64,
+             num_inference_steps=2, output_type="latent", use_resolution_binning=False)
+        assert handle.info.num_tokens == 32 and handle.info.grid == (8, 4)
+        assert handle.stats().num_tokens == 32
+
+
+def test_unsupported_model_raises_listing_supported():
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8,), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1)
+    with pytest.raises(UnsupportedModelError, match="PixArtTransformer2DModel"):
+        stepcache.apply(unet, FORA(2))
+
+
+def test_diffusers_cache_is_refused_both_ways():
+    from diffusers import FirstBlockCacheConfig
+
+    tr = build_flux().transformer
+    tr.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ConfigError, match="diffusers"):
+        stepcache.apply(tr, FORA(2))
+    tr.disable_cache()
+    handle = stepcache.apply(tr, FORA(2))
+    with pytest.raises(ConfigError, match="stepcache"):
+        tr.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    handle.remove()
+    tr.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    assert tr.is_cache_enabled
