@@ -364,7 +364,7 @@ def train_router(model, data, cfg: RouterTrainConfig, *, checkpoint: str | Path 
                 _write(checkpoint, router, opt, done, cfg, g, history, info, rank, world, device)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4g}", skip=f"{skip_share(router, cfg.threshold):.1%}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4g}", skip=f"{skip_share(router, cfg.threshold):.1%}")
             if on_step is not None:
                 on_step(done, float(loss.detach()))
     finally:
