@@ -302,3 +302,35 @@ def test_cli_train_resume_and_report(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", latents=np.zeros((2, 4, 8, 8), np.float32), labels=np.zeros(2, np.int64))
     assert main(common[:5] + [str(tmp_path / "bad.npz"), "--iters", "1"]) == 2
     assert "model expects" in capsys.readouterr().err
+
+
+def test_data_sources(tmp_path):
+    from PIL import Image
+
+    from stepcache.policies.l2c_data import load_data
+
+    model = tiny_dit(depth=1, hidden=16, heads=2, input_size=8)
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 2])
+    torch.save({"latents": x, "labels": y}, tmp_path / "a.pt")
+    np.save(tmp_path / "b.npy", x.numpy())
+    np.save(tmp_path / "b_labels.npy", y.numpy())
+    for name in ("a.pt", "b.npy"):
+        data = load_data(str(tmp_path / name), model, latent=True)
+        assert torch.equal(data.x0, x) and torch.equal(data.labels, y)
+    np.save(tmp_path / "c.npy", x.numpy())
+    with pytest.raises(stepcache.CheckpointError, match="c_labels.npy"):
+        load_data(str(tmp_path / "c.npy"), model, latent=True)
+    for k, cls in enumerate(("cat", "dog")):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((20, 12), 60 * k, np.uint8)).save(tmp_path / "img" / cls / "0.png")
+    model1 = stepcache.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                           num_classes=2)
+    data = load_data(str(tmp_path / "img"), model1, latent=False)
+    assert data.x0.shape == (2, 1, 8, 8) and data.labels.tolist() == [0, 1] and data.flip
+    assert data.x0[0].eq(-1).all() and torch.allclose(data.x0[1], torch.tensor(60 / 127.5 - 1))
+    xb, yb = data.batch(5, torch.Generator().manual_seed(0))
+    assert xb.shape == (5, 1, 8, 8) and yb.shape == (5,)
+    with pytest.raises(stepcache.ConfigError, match="4 channels"):
+        load_data(str(tmp_path / "img"), model, latent=False)
+    with pytest.raises(stepcache.ConfigError, match="model expects"):
+        load_data(str(tmp_path / "a.pt"), model1, latent=True)

@@ -214,9 +214,13 @@ def load_vae(vae: str = "ema"):
         from diffusers.models import AutoencoderKL
     except Exception:
         raise ConfigError("encoding an image folder needs diffusers (pip install 'stepcache[diffusers]').") from None
+    import warnings
+
     repo = f"stabilityai/sd-vae-ft-{vae}"
     try:
-        return AutoencoderKL.from_pretrained(repo, local_files_only=True).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoencoderKL.from_pretrained(repo, local_files_only=True).eval()
     except Exception:
         raise CheckpointError(f"the VAE {repo} is not in the local Hugging Face cache; download it first or pass "
                               "a latent tensor file with --data.") from None
