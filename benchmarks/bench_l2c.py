@@ -31,14 +31,15 @@ from stepcache.policies.l2c_train import RouterTrainConfig, model_identity, rout
 ASSETS = Path(stepcache.__file__).resolve().parent / "assets"
 
 
-def load_model():
+def load_model(weights: Path | None = None):
     """(model, data, name, sampler, steps, cfg_scale): the embedded model if present, else a random DiT."""
     try:
         from stepcache.models import embedded
 
-        model = embedded.load_embedded()
+        model = embedded.load_embedded(path=weights)
         data = load_data("embedded", model, latent=False)
-        return model, data, "embedded", embedded.DEFAULT_SAMPLER, embedded.DEFAULT_STEPS, embedded.DEFAULT_CFG
+        name = "embedded" if weights is None else f"embedded:{weights}"
+        return model, data, name, embedded.DEFAULT_SAMPLER, embedded.DEFAULT_STEPS, embedded.DEFAULT_CFG
     except (ImportError, stepcache.CheckpointError):
         model = stepcache.DiT(input_size=16, patch_size=2, in_channels=1, hidden_size=128, depth=8, num_heads=4,
                               num_classes=10, learn_sigma=False)
@@ -68,6 +69,7 @@ def run_sample(model, z, y, steps, sampler, cfg_scale, policy):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--router", type=Path, default=None, help="evaluate this router instead of training one")
+    ap.add_argument("--weights", type=Path, default=None, help="embedded-model weights other than the shipped ones")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.1)
@@ -82,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, data, name, sampler, steps, cfg_scale = load_model()
+    model, data, name, sampler, steps, cfg_scale = load_model(args.weights)
     record = {"date": datetime.now(timezone.utc).isoformat(), "model": name, "sampler": sampler, "steps": steps,
               "cfg_scale": cfg_scale, "args": {k: str(v) for k, v in vars(args).items()}, "env": environment()}
     tcfg = RouterTrainConfig(num_steps=steps, lam=args.lam, lr=args.lr, iters=args.iters, batch_size=args.batch_size,
@@ -98,7 +100,7 @@ def main() -> None:
                               "lr": args.lr, "lambda": args.lam, "s_per_iter": result.seconds / max(1, args.iters),
                               "objective_mse_after_1_iter": router_mse(model, data, init, tcfg),
                               "objective_mse_trained": router_mse(model, data, logits, tcfg)}
-        if args.ship:
+        if args.ship and args.weights is None:
             path = ASSETS / f"embedded_router_ddim{steps}.safetensors"
             save_router(path, logits, model=model_identity(model, name), sampler=sampler, threshold=tcfg.threshold,
                         **{"lambda": args.lam}, lr=args.lr, iters=args.iters, batch_size=args.batch_size,
