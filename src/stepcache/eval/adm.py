@@ -23,7 +23,8 @@ from stepcache.errors import CheckpointError, ConfigError, ModelMismatchError
 from stepcache.eval.features import ImageFeatures, extract_features
 from stepcache.eval.metrics import FeatureStats, inception_score, precision_recall
 
-__all__ = ["ReferenceBatch", "EvalResult", "load_images", "load_reference", "evaluate", "evaluate_features"]
+__all__ = ["ReferenceBatch", "EvalResult", "load_images", "load_reference", "reference_from_images",
+           "digits_reference", "evaluate", "evaluate_features"]
 
 
 @dataclass
@@ -102,6 +103,23 @@ def load_reference(path: str | Path, extractor, batch_size: int = 64) -> Referen
     return ReferenceBatch(stats, spatial, feats, 0 if images is None else len(images))
 
 
+def reference_from_images(images: np.ndarray, extractor, batch_size: int = 64) -> ReferenceBatch:
+    """A reference batch computed from uint8 images (N, H, W, 3) held in memory."""
+    feats = extract_features(as_rgb_uint8(images, "reference images"), extractor, batch_size)
+    spatial = FeatureStats.from_features(feats.spatial) if feats.spatial is not None else None
+    return ReferenceBatch(FeatureStats.from_features(feats.pool), spatial, feats, len(images))
+
+
+def digits_reference(split: str, extractor, batch_size: int = 64) -> ReferenceBatch:
+    """The embedded model's real digits (``split``: "test" = held out, "train", "all") as a reference batch,
+    quantised to uint8 like samples, so that ``--features digits`` runs fully offline."""
+    from stepcache.cli.common import to_uint8
+    from stepcache.models.embedded import digits_data
+
+    images, _ = digits_data(split)                                             # (N, 1, 16, 16) in [-1, 1]
+    return reference_from_images(to_uint8(images), extractor, batch_size)
+
+
 def _check_dims(name: str, ref: FeatureStats | None, feats: np.ndarray | None, network: str) -> None:
     if ref is not None and feats is not None and ref.mu.shape[0] != feats.shape[1]:
         raise ModelMismatchError(f"The reference {name} statistics have {ref.mu.shape[0]} dimensions but the "
@@ -125,12 +143,18 @@ def evaluate_features(samples: ImageFeatures, ref: ReferenceBatch, network: str 
                       num_samples=len(samples.pool), num_reference=ref.num_images, features=network)
 
 
-def evaluate(samples_path: str | Path, ref_path: str | Path, extractor, batch_size: int = 64,
+def evaluate(samples_path: str | Path, ref_path: "str | Path | ReferenceBatch", extractor, batch_size: int = 64,
              device: str = "cpu") -> EvalResult:
-    """ADM's evaluation of ``samples_path`` against ``ref_path`` with a feature ``extractor``."""
+    """ADM's evaluation of ``samples_path`` against ``ref_path`` (an npz, ``"digits:SPLIT"`` for the embedded
+    model's real digits, or a :class:`ReferenceBatch`) with a feature ``extractor``."""
     images = load_images(samples_path)
     if len(images) < 2:
         raise ConfigError(f"{samples_path} holds {len(images)} image(s); the metrics need at least 2.")
-    ref = load_reference(ref_path, extractor, batch_size)
+    if isinstance(ref_path, ReferenceBatch):
+        ref = ref_path
+    elif str(ref_path).startswith("digits:"):
+        ref = digits_reference(str(ref_path).split(":", 1)[1], extractor, batch_size)
+    else:
+        ref = load_reference(ref_path, extractor, batch_size)
     samples = extract_features(images, extractor, batch_size)
     return evaluate_features(samples, ref, getattr(extractor, "name", "features"), device=device)
