@@ -1,0 +1,100 @@
+"""Measure one policy on one model: warm-up, median wall time of repeats, work (NFEs, MACs), quality.
+
+Every policy of a sweep samples the same seeds (image k's noise comes from its own generator seeded
+``seed + k``, EDM-style), so cached images are compared image by image with the uncached ones (PSNR,
+SSIM) and, on the embedded digits model, scored by the digit judge (class accuracy, Fréchet distance
+vs held-out digits, IS analogue).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from stepcache.bench.methods import policy_key_dict, policy_label
+from stepcache.bench.records import config_key, environment
+from stepcache.errors import ConfigError
+from stepcache.eval.fidelity import fidelity
+from stepcache.sampling.sample import sample
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What every policy of a sweep shares."""
+
+    num_samples: int = 20
+    seed: int = 0
+    num_steps: int = 50
+    sampler: str = "ddim"
+    cfg_scale: float = 1.5
+    warmup: int = 1
+    repeats: int = 3
+
+    def validate(self) -> None:
+        if self.num_samples < 2:
+            raise ConfigError(f"num_samples must be >= 2, got {self.num_samples}.")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}.")
+
+
+def make_inputs(model, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise (n, C, H, W), image k from generator ``seed + k``; labels k mod num_classes."""
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
+                         for k in range(num_samples)])
+    labels = torch.arange(num_samples) % cfg.num_classes
+    return noise, labels
+
+
+def run_once(model, noise, labels, settings: RunSettings, policy, steps=None, progress=False):
+    """(images, CacheStats, seconds) of one sampling run."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    t0 = time.perf_counter()
+    images, stats = sample(model, noise, labels, steps or settings.num_steps, settings.sampler,
+                           settings.cfg_scale, policy, generator=gen, progress=progress, return_stats=True)
+    return images, stats, time.perf_counter() - t0
+
+
+def timed(model, noise, labels, settings: RunSettings, policy, progress=False):
+    """Warm-up runs (2 steps each, same batch), then ``repeats`` full runs: (images, stats, times)."""
+    for _ in range(settings.warmup):
+        run_once(model, noise, labels, settings, policy, steps=min(2, settings.num_steps))
+    times = []
+    for _ in range(settings.repeats):
+        images, stats, seconds = run_once(model, noise, labels, settings, policy, progress=progress)
+        times.append(seconds)
+    return images, stats, times
+
+
+def quality(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None, judge: bool) -> dict:
+    """PSNR / SSIM vs ``reference`` (same seeds) and, for digit images, the judge's scores."""
+    out = {}
+    if reference is not None:
+        out.update(fidelity(images, reference))
+    if judge:
+        from stepcache.eval.digits import score_digits
+
+        s = score_digits(images, labels)
+        out.update(class_accuracy=s.class_accuracy, frechet_distance=s.frechet_distance,
+                   inception_score=s.inception_score)
+    return out
+
+
+def make_config(model_id: dict, settings: RunSettings, policy) -> dict:
+    return {"model": model_id, "policy": policy_key_dict(policy), "threads": torch.get_num_threads(),
+            **asdict(settings)}
+
+
+def make_record(config: dict, policy, times: list[float], stats, base_time: float | None, q: dict) -> dict:
+    median = statistics.median(times)
+    return {
+        "key": config_key(config), "label": policy_label(policy), "config": config, "environment": environment(),
+        "time": {"median_s": median, "runs_s": times, "speedup": (base_time / median) if base_time else 1.0},
+        "work": {"nfe": stats.nfe, "macs_executed": stats.macs_executed, "macs_uncached": stats.macs_uncached,
+                 "ideal_speedup": stats.ideal_speedup, "share_computed": stats.share_computed()},
+        "quality": q, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,102 @@
+"""``stepcache bench``'s library side: sweep policies x settings on one model and write the results.
+
+The uncached run (``NoCache``) goes first: its median time is the speedup's denominator and its images
+are the PSNR / SSIM reference. Configs whose key is already in the JSONL file are not re-measured
+(the baseline is re-sampled only when a new config needs it, and never appended twice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stepcache.bench.methods import build_policy, method_unavailable, parse_spec
+from stepcache.bench.records import (append_record, config_key, markdown_table, pareto_plot, read_records)
+from stepcache.bench.runner import RunSettings, make_config, make_inputs, make_record, quality, timed
+from stepcache.errors import ConfigError
+
+DEFAULT_SPECS = ("fora:interval=2", "fora:interval=3", "fora:interval=4", "fora:interval=5",
+                 "toca:interval=3,fresh_ratio=0.1", "toca:interval=4,fresh_ratio=0.1",
+                 "toca:interval=5,fresh_ratio=0.1", "l2c:threshold=0.1", "l2c:threshold=0.3")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    model_id: dict          # identity for the record key
+    embedded: bool          # digits model: the judge applies
+
+
+def load_model(name: str) -> LoadedModel:
+    """``"embedded"`` (default) or a native DiT checkpoint path / official name."""
+    from stepcache.models.dit import config_dict
+
+    if name == "embedded":
+        from stepcache.models.embedded import WEIGHTS_FILE, load_embedded
+
+        model = load_embedded()
+        return LoadedModel(model, {"name": "embedded", "bytes": WEIGHTS_FILE.stat().st_size}, True)
+    from stepcache.models.dit import DiT
+
+    model = DiT.from_pretrained(name).eval()
+    return LoadedModel(model, {"name": str(name), **config_dict(model)}, False)
+
+
+def runnable_specs(specs, settings: RunSettings, embedded: bool, log=print) -> list[str]:
+    """The specs whose method can run here; the others are reported with the reason and skipped."""
+    out = []
+    for spec in specs:
+        reason = method_unavailable(parse_spec(spec)[0], settings.num_steps, settings.sampler, embedded)
+        if reason:
+            log(f"skipping {spec}: {reason}")
+        else:
+            out.append(spec)
+    return out
+
+
+def sweep(loaded: LoadedModel, specs, settings: RunSettings, out_jsonl: Path, log=print,
+          progress: bool = False) -> list[dict]:
+    """Measure the baseline and every runnable spec; returns this sweep's records (old and new)."""
+    settings.validate()
+    if not specs:
+        raise ConfigError("There are no policies to benchmark.")
+    existing = {r["key"]: r for r in read_records(out_jsonl)}
+    noise, labels = make_inputs(loaded.model, settings.num_samples, settings.seed)
+    policies = [build_policy(s, settings.num_steps, settings.sampler, loaded.embedded)
+                for s in runnable_specs(specs, settings, loaded.embedded, log)]
+    base_policy = build_policy("none", settings.num_steps, settings.sampler)
+    configs = [make_config(loaded.model_id, settings, p) for p in [base_policy] + policies]
+    todo = [config_key(c) not in existing for c in configs]
+    records = [existing.get(config_key(c)) for c in configs]
+    if not any(todo):
+        log("every config is already in the results file; nothing to measure")
+        return records
+    log(f"baseline: {settings.sampler}-{settings.num_steps}, {settings.num_samples} samples, cfg {settings.cfg_scale}")
+    ref, stats, times = timed(loaded.model, noise, labels, settings, base_policy, progress)
+    base = make_record(configs[0], base_policy, times, stats, None, quality(ref, labels, None, loaded.embedded))
+    if todo[0]:
+        append_record(out_jsonl, base)
+        records[0] = base
+    for k, policy in enumerate(policies, start=1):
+        if not todo[k]:
+            log(f"{records[k]['label']}: already measured")
+            continue
+        images, stats, times = timed(loaded.model, noise, labels, settings, policy, progress)
+        rec = make_record(configs[k], policy, times, stats, base["time"]["median_s"],
+                          quality(images, labels, ref, loaded.embedded))
+        append_record(out_jsonl, rec)
+        records[k] = rec
+        log(f"{rec['label']}: {rec['time']['median_s']:.2f} s, {rec['time']['speedup']:.2f}x")
+    return records
+
+
+def write_reports(records: list[dict], out_dir: Path, stem: str = "bench", title: str = "") -> dict:
+    """``<stem>.md`` (markdown table) and ``<stem>_pareto.png`` (speedup vs SSIM) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{stem}.md"
+    md.write_text(markdown_table(records))
+    png = pareto_plot(records, out_dir / f"{stem}_pareto.png", "ssim", title)
+    return {"table": md, "plot": png}

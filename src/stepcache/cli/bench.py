@@ -1,0 +1,53 @@
+"""``stepcache bench``: sweep caching policies x settings; JSONL records, a markdown table, a Pareto plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stepcache.cli.common import positive_int
+
+
+def add_parser(sub) -> None:
+    from stepcache.bench.sweep import DEFAULT_SPECS
+    from stepcache.models.embedded import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    p = sub.add_parser("bench", help="benchmark caching policies: time, MACs and quality",
+                       description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="embedded", help="'embedded' or a native DiT checkpoint path / name")
+    p.add_argument("--policies", nargs="+", default=list(DEFAULT_SPECS), metavar="SPEC",
+                   help="policy specs method[:key=value,...]; the uncached baseline always runs")
+    p.add_argument("--num-samples", type=positive_int, default=20, help="samples per run (labels k mod classes)")
+    p.add_argument("--num-sampling-steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=DEFAULT_SAMPLER, help="sampler")
+    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG, help="guidance scale, 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample k uses seed + k)")
+    p.add_argument("--warmup", type=int, default=1, help="short warm-up runs before timing")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per config (median reported)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.jsonl"), help="JSONL results file")
+    p.add_argument("--report-dir", type=Path, default=None, help="table + plot folder (default: beside --out)")
+    p.add_argument("--progress", action="store_true", help="show per-step progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from stepcache.bench.runner import RunSettings
+    from stepcache.bench.sweep import load_model, sweep, write_reports
+    from stepcache.errors import ConfigError
+
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = RunSettings(num_samples=args.num_samples, seed=args.seed, num_steps=args.num_sampling_steps,
+                           sampler=args.sampler, cfg_scale=args.cfg_scale, warmup=args.warmup, repeats=args.repeats)
+    loaded = load_model(args.model)
+    records = [r for r in sweep(loaded, args.policies, settings, args.out, progress=args.progress) if r]
+    files = write_reports(records, args.report_dir or args.out.parent, stem=args.out.stem,
+                          title=f"{args.model}: {args.sampler}-{args.num_sampling_steps}")
+    print(files["table"].read_text(), end="")
+    print(f"records: {args.out}\ntable: {files['table']}\nplot: {files['plot']}")
+    return 0
