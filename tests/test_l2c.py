@@ -334,3 +334,19 @@ def test_data_sources(tmp_path):
         load_data(str(tmp_path / "img"), model, latent=False)
     with pytest.raises(stepcache.ConfigError, match="model expects"):
         load_data(str(tmp_path / "a.pt"), model1, latent=True)
+
+
+def test_handler_routes_attn_and_mlp_only():
+    from stepcache.policies.base import ModelInfo, make_handler
+    from stepcache.runtime.context import RunInfo, StepContext
+
+    logits = torch.tensor([[5.0, -5.0, -5.0, 5.0]] * 4)  # layer 0: attn kept, mlp skipped; layer 1 the reverse
+    info = ModelInfo(depth=2, num_tokens=4, grid=(2, 2), branches=("attn", "cross", "mlp"))
+    handler = make_handler(L2C(logits), info)
+    handler.reset(RunInfo(num_steps=4, batch=1))
+    kinds = lambda i: [handler.decide(StepContext(i, 4), l, b).kind for l in (0, 1)  # noqa: E731
+                       for b in ("attn", "cross", "mlp")]
+    assert kinds(3) == kinds(1) == ["compute"] * 6
+    assert kinds(2) == kinds(0) == ["compute", "compute", "reuse", "reuse", "compute", "compute"]
+    with pytest.raises(stepcache.UnsupportedModelError):
+        make_handler(L2C(logits), ModelInfo(depth=2, num_tokens=4, grid=(2, 2), branches=("attn1", "ff")))

@@ -152,7 +152,11 @@ class L2C(PolicyConfig):
 # ---------------------------------------------------------------------------------------- handler
 @register_policy(L2C)
 class L2CHandler(PolicyHandler):
-    """Full steps compute; cache steps look the (step, unit) up in a precomputed table."""
+    """Full steps compute; cache steps look the (step, unit) up in a precomputed table.
+
+    Only the self-attention (``attn``) and MLP (``mlp``) branches are routed, as in the paper; any
+    other branch an adapter declares (cross-attention) is computed at every step.
+    """
 
     def __init__(self, config: L2C, info):
         super().__init__(config, info)
@@ -170,7 +174,10 @@ class L2CHandler(PolicyHandler):
         super().reset(run)
 
     def decide(self, ctx, layer, branch):
-        return COMPUTE if self.keep[ctx.i][unit_index(layer, branch)] else REUSE
+        offset = BRANCH_OFFSET.get(branch)
+        if offset is None:  # e.g. cross-attention: not routed by L2C, always computed
+            return COMPUTE
+        return COMPUTE if self.keep[ctx.i][2 * layer + offset] else REUSE
 
 
 # ---------------------------------------------------------------------------------------- files
