@@ -39,8 +39,9 @@ def run(args) -> int:
         parse_preset(args.model)
     model = model_for_macs(meta, args.model, args.image_size // 8)
     if model is not None and len(model.blocks) * 2 != logits.shape[1]:
-        raise ModelMismatchError(f"the router is for a {logits.shape[1] // 2}-layer model but {args.model or 'the recorded model'}"
-                          f" has {len(model.blocks)} layers.")
+        which = args.model or "the recorded model"
+        raise ModelMismatchError(f"the router is for a {logits.shape[1] // 2}-layer model but {which} has "
+                                 f"{len(model.blocks)} layers.")
     report = router_report(logits, threshold, model)
     print(format_table(report))
     if model is None:

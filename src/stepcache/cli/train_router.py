@@ -39,7 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data", default="embedded",
                    help="'embedded' (digits train split), 'digits:SPLIT', a latent tensor file (.pt/.safetensors/"
                         ".npz/.npy) or an image folder root/<class>/<image> (default: %(default)s)")
-    p.add_argument("--num-steps", type=positive_int, default=20, help="DDIM sampling steps, even (default: %(default)s)")
+    p.add_argument("--num-steps", type=positive_int, default=20,
+                   help="DDIM sampling steps, even (default: %(default)s)")
     p.add_argument("--lambda", dest="lam", type=_nonneg_float, default=5e-6,
                    help="sparsity weight on sum(beta) (default: %(default)s)")
     p.add_argument("--lr", type=_nonneg_float, default=1e-3, help="AdamW learning rate (default: %(default)s)")

@@ -129,8 +129,9 @@ class RouterTrainConfig:
             raise ConfigError(f"label_dropout must lie in [0, 1), got {self.label_dropout}.")
 
     def identity(self) -> dict:
-        """Settings a resumed run must share with the checkpoint (iters may grow)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("iters", "checkpoint_every")}
+        """Settings a resumed run must share with the checkpoint (iters may grow; threshold is only reported)."""
+        free = ("iters", "checkpoint_every", "threshold")
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in free}
 
 
 @dataclass
