@@ -4,7 +4,8 @@ Double-stream ``FluxTransformerBlock`` (layers 0..D-1): joint attention (branch 
 text outputs cached together), image MLP ``ff`` ("mlp"), text MLP ``ff_context`` ("context_mlp").
 Single-stream ``FluxSingleTransformerBlock`` (layers D..D+S-1) over [text; image]: attention
 ("attn", whole sequence) and the MLP input projection ``proj_mlp`` ("mlp"); ``proj_out`` (which
-mixes both) runs at every step.
+mixes both) runs at every step. The single block's forward is replaced by :func:`attention_first`
+(same operations, attention called first) so that every block decides "attn" before "mlp".
 
 Treatment under ToCa: attention is computed in full or reused whole; "mlp" is partial on the top-k
 image tokens (in single blocks the text rows of ``proj_mlp`` are recomputed on full computations and
@@ -15,8 +16,35 @@ then uncond), and the bridge keeps a separate cache per call. The pipeline passe
 
 from __future__ import annotations
 
+import torch
+
 from stepcache.adapters.base import register_adapter
 from stepcache.adapters.diffusers_common import BlockGroup, DiffusersAdapter, Site
+from stepcache.runtime.hooks import ForwardPatch
+
+
+def attention_first(block):
+    """``FluxSingleTransformerBlock.forward`` with the attention called before ``proj_mlp``.
+
+    diffusers runs ``proj_mlp`` first; policies decide a block's step type at its "attn" branch,
+    so the two independent branches are swapped. Same operations on the same inputs: bit-identical.
+    """
+
+    def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        text_seq_len = encoder_hidden_states.shape[1]
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, L + T, D)
+        residual = hidden_states
+        norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
+        attn_output = block.attn(hidden_states=norm_hidden_states, image_rotary_emb=image_rotary_emb,
+                                 **(joint_attention_kwargs or {}))
+        mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
+        hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
+        hidden_states = residual + gate.unsqueeze(1) * block.proj_out(hidden_states)
+        if hidden_states.dtype == torch.float16:
+            hidden_states = hidden_states.clip(-65504, 65504)
+        return hidden_states[:, :text_seq_len], hidden_states[:, text_seq_len:]
+
+    return forward
 
 
 @register_adapter
@@ -32,6 +60,12 @@ class FluxAdapter(DiffusersAdapter):
     cfg_layout = "separate_calls"
     image_modules = ("x_embedder", "proj_out")
     text_modules = ("context_embedder",)
+
+    def install(self, model, handle) -> list:
+        patches = super().install(model, handle)
+        for block in model.single_transformer_blocks:
+            patches.append(ForwardPatch(block, lambda _original, b=block: attention_first(b)))
+        return patches
 
     def default_grid(self, model):
         return 64, 64  # 1024 px; the real grid is read from img_ids at call time
