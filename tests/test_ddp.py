@@ -78,20 +78,16 @@ def reference(ckpt, tmp_path_factory):
     return out
 
 
-def test_npz_format_record_and_rank_independence(ckpt, reference, tmp_path):
+def test_npz_format_and_record(reference):
     arr = _npz(reference)
     assert arr.dtype == np.uint8 and arr.shape == (12, 8, 8, 3)
     assert (arr[..., 0] == arr[..., 2]).all()                                  # grey repeated to 3 channels
     assert len(list((reference / "samples").glob("*.png"))) == 12
     record = json.loads((reference / "sample_ddp.json").read_text())
     assert record["config"]["policy"] == {"method": "fora", "interval": 2}
-    assert record["runs"][0]["samples_sampled"] == 12 and record["runs"][0]["world_size"] == 1
-    proc = _torchrun(_args(ckpt, tmp_path, extra=["--cache", "fora", "--interval", "2"]))
-    log = _finish(proc)
-    assert proc.returncode == 0, log
-    np.testing.assert_array_equal(_npz(tmp_path), arr)                         # 2 ranks == 1 rank, bit for bit
-    run = json.loads((tmp_path / "sample_ddp.json").read_text())["runs"][0]
-    assert run["world_size"] == 2 and run["samples_sampled"] == 12 and len(run["rank_seconds"]) == 2
+    assert record["config"]["global_seed"] == 3 and record["config"]["batch_size"] == 2
+    run = record["runs"][0]
+    assert run["samples_sampled"] == 12 and run["world_size"] == 1 and run["samples_per_second"] > 0
 
 
 def test_killed_then_resumed_gives_identical_npz(ckpt, reference, tmp_path):
@@ -109,9 +105,11 @@ def test_killed_then_resumed_gives_identical_npz(ckpt, reference, tmp_path):
     proc = _torchrun(args)
     log = _finish(proc)
     assert proc.returncode == 0, log
+    # 2 ranks, killed and resumed == 1 rank uninterrupted, bit for bit.
     np.testing.assert_array_equal(_npz(tmp_path), _npz(reference))
     run = json.loads((tmp_path / "sample_ddp.json").read_text())["runs"][-1]
     assert run["samples_skipped"] > 0 and run["samples_sampled"] + run["samples_skipped"] == 12
+    assert run["world_size"] == 2 and len(run["rank_seconds"]) == 2
 
 
 def test_rerun_with_other_config_is_refused_and_complete_run_is_a_noop(ckpt, reference, capsys):

@@ -181,3 +181,69 @@ def test_eval_cli_errors_are_one_sentence(tmp_path, capsys, monkeypatch, argv, n
 
 def _offline(url, path, timeout=10.0):
     raise OSError("network unreachable (test)")
+
+
+def test_digit_features_offline_path_real_digits_score_perfectly(tmp_path):
+    from stepcache.cli.common import to_uint8
+    from stepcache.models.embedded import digits_data
+
+    real, _ = digits_data("test")
+    np.savez(tmp_path / "real.npz", arr_0=to_uint8(real))
+    net = features.load_extractor("digits")
+    ref = adm.digits_reference("test", net)
+    res = adm.evaluate(tmp_path / "real.npz", ref, net)
+    assert abs(res.fid) < 1e-6 and res.sfid is None and res.precision == res.recall == 1.0
+    assert res.inception_score > 5                                    # a trained 10-class judge is confident
+    noise = adm.evaluate_features(features.extract_features(_images(10, n=60, hw=16), net), ref)
+    assert noise.fid > 1.0 and noise.recall < 0.5 and noise.inception_score < res.inception_score
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 9, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class _Layers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        for name in features.SPATIAL_PATH:
+            setattr(self, name, torch.nn.Identity())
+        self.mixed_6 = _Conv()
+
+
+class _FakeInception(torch.nn.Module):
+    """The TorchScript interface of inception-2015-12-05.pt (layers.*, return_features, no_output_bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = _Layers()
+        self.fc = torch.nn.Linear(3, 5)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
+        feats = img.float().mean(dim=(2, 3))                                        # (N, 3)
+        if return_features:
+            return feats
+        logits = feats @ self.fc.weight.T if no_output_bias else self.fc(feats)
+        return torch.softmax(logits, dim=1)
+
+
+def test_inception_wrapper_plumbing_on_a_fake_torchscript(tmp_path):
+    path = tmp_path / "fake.pt"
+    torch.jit.script(_FakeInception()).save(str(path))
+    net = features.InceptionFeatures(path)
+    imgs = _images(11, n=2, hw=6)
+    out = net(imgs)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).double()
+    np.testing.assert_allclose(out.pool, x.mean(dim=(2, 3)).numpy(), rtol=1e-6)  # no grad leaks either
+    with torch.no_grad():
+        conv = net.net.layers.mixed_6.conv(tf_bilinear_resize(x.float()))             # (2, 9, 299, 299)
+    want = conv[:, :7].permute(0, 2, 3, 1).reshape(2, -1).double().numpy()            # NHWC order, as ADM
+    np.testing.assert_allclose(out.spatial, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.probs.sum(1), 1.0, rtol=1e-6)
+    (tmp_path / "bad.pt").write_bytes(b"not torchscript")
+    with pytest.raises(features.CheckpointError):
+        features.InceptionFeatures(tmp_path / "bad.pt")

@@ -12,6 +12,14 @@ Time-Scale Update Rule Converge to a Local Nash Equilibrium", 2017):
 
 Everything here works on numpy arrays in float64 (design principle 8); the features themselves come from
 :mod:`stepcache.eval.features`.
+
+Agreement with ADM's own code (its numpy parts transcribed outside the repo, its TF distance block replaced by
+numpy; 3,000 + 3,000 synthetic 2048-d ReLU features, 12,000 x 1008 logits): FID identical on the same float64
+statistics (ADM computing them from float32 activations: relative difference 1.4e-8); Inception Score
+identical; precision/recall identical with float32 distances (0.0860 / 0.9707). ADM computes distances in
+float16 when they are finite; emulating that moved precision by 1 sample in 3,000 (0.0863), so precision and
+recall may differ from ADM's in the last digits. Tests also check the formulas against independent ones
+(eigendecomposition Frechet distance, scipy entropy IS, brute-force cdist precision/recall).
 """
 
 from __future__ import annotations
