@@ -129,6 +129,7 @@ def timestep_tracker(tr):
 
 def methods(pipe):
     """name -> (install() -> remove callable, or a reason string when unavailable)."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
     from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, PyramidAttentionBroadcastConfig,
                                  TaylorSeerCacheConfig, apply_first_block_cache, apply_pyramid_attention_broadcast,
                                  apply_taylorseer_cache)
@@ -138,23 +139,28 @@ def methods(pipe):
     def stepcache_method(policy):
         def install():
             handle = stepcache.apply(pipe, policy)
-            return handle.remove, handle
+            return handle.remove, handle, None
 
         return install
 
     def diffusers_method(apply_fn, config, names):
+        """PixArt's pipeline sets no cache context and resets no hook state: the benchmark does both
+        (one context: PixArt batches cond and uncond in one call)."""
+
         def install():
             apply_fn(tr, config)
+            registry = HookRegistry.check_if_exists_or_initialize(tr)
+            context = tr.register_forward_pre_hook(lambda *_: _set_cache_context(tr, CacheContext("cond_uncond")))
 
             def remove():
-                registry = HookRegistry.check_if_exists_or_initialize(tr)
+                context.remove()
                 for name in names:
                     registry.remove_hook(name, recurse=True)
-            return remove, None
+            return remove, None, lambda: registry.reset_stateful_hooks(recurse=True)
 
         return install
 
-    out = {"none": lambda: ((lambda: None), None),
+    out = {"none": lambda: ((lambda: None), None, None),
            "stepcache FORA(2)": stepcache_method(FORA(2)), "stepcache FORA(3)": stepcache_method(FORA(3))}
     try:
         from stepcache.policies.toca import ToCa
@@ -168,8 +174,9 @@ def methods(pipe):
     out["diffusers FirstBlockCache(0.05)"] = diffusers_method(
         apply_first_block_cache, FirstBlockCacheConfig(threshold=0.05), ["fbc_leader_block_hook", "fbc_block_hook"])
     out["diffusers TaylorSeer(interval 3, order 1)"] = diffusers_method(
-        apply_taylorseer_cache, TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2, max_order=1,
-                                                      taylor_factors_dtype=torch.float32),
+        apply_taylorseer_cache, TaylorSeerCacheConfig(  # its default patterns only match modules named "attn"
+            cache_interval=3, disable_cache_before_step=2, max_order=1, taylor_factors_dtype=torch.float32,
+            cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|attn2|ff)"]),
         ["taylorseer_cache"])
     state, _ = timestep_tracker(tr)
     out["diffusers PAB(self 2, cross 4)"] = diffusers_method(
@@ -192,21 +199,25 @@ def cache_dit_method(pipe):
     def install():
         cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
             Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.08, max_warmup_steps=2))
-        return (lambda: cache_dit.disable_cache(pipe)), None
+        return (lambda: cache_dit.disable_cache(pipe)), None, None
 
     return install
 
 
 # ------------------------------------------------------------------------------ measurement
 def run_method(name, install, pipe, inputs, meter, args, base):
-    remove, handle = install()
+    remove, handle, reset = install()
+    reset = reset or (lambda: None)
     try:
-        out = pipe(**inputs).images  # warm-up; also the work count
+        reset()
+        pipe(**inputs)  # warm-up
         meter.work = 0
+        reset()
         out = pipe(**inputs).images
         work = meter.work
         times = []
         for _ in range(args.repeats):
+            reset()
             t0 = time.perf_counter()
             pipe(**inputs)
             times.append(time.perf_counter() - t0)
@@ -261,11 +272,13 @@ def main() -> None:
               f"{rec['median_s']:.2f}s  max|diff| {rec.get('max_abs_diff', 0):.2e}", flush=True)
     meter.close()
     record = {
-        "benchmark": "bench_diffusers", "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "benchmark": "bench_diffusers",
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {"class": "PixArtTransformer2DModel", "depth": args.depth, "tokens": tokens,
                   "width": args.heads * args.head_dim, "text_tokens": args.text_len, "cfg_rows": 2,
                   "weights": "random, zero-initialised layers re-randomised"},
-        "environment": {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
+        "environment": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                        "python": platform.python_version(),
                         "machine": platform.machine(), "processor": platform.processor(),
                         "threads": torch.get_num_threads(), "cache_dit": _version("cache-dit")},
         "results": results,

@@ -69,7 +69,8 @@ def build_dit():
     _seed()
     tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
                                num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, layers_per_block=1)
     return DiTPipeline(transformer=randomize(tr).eval(), vae=vae.eval(), scheduler=DDIMScheduler())
 
@@ -94,7 +95,8 @@ def build_pixart():
 
     _seed()
     tr = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                  num_layers=2, cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2,
+                                  num_layers=2, cross_attention_dim=16, caption_channels=32, sample_size=8,
+                                  patch_size=2,
                                   norm_type="ada_norm_single", use_additional_conditions=False,
                                   norm_elementwise_affine=False, norm_eps=1e-6)
     return PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize(tr).eval(),

@@ -26,6 +26,7 @@ import functools
 import importlib.util
 import inspect
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -128,11 +129,11 @@ def _call_args(forward, args, kwargs) -> inspect.BoundArguments:
     return inspect.signature(forward).bind_partial(*args, **kwargs)
 
 
-def _replace_first(bound: inspect.BoundArguments, name: str, value):
-    """Call arguments with the first argument ``name`` replaced."""
-    arguments = dict(bound.arguments)
-    arguments[name] = value
-    return arguments
+def _call_with(original, bound: inspect.BoundArguments, name: str, value):
+    """Call ``original`` with the same arguments as ``bound`` except ``name`` = ``value``."""
+    copy = inspect.BoundArguments(bound.signature, dict(bound.arguments))
+    copy.arguments[name] = value
+    return original(*copy.args, **copy.kwargs)
 
 
 class DiffusersAdapter(Adapter):
@@ -305,7 +306,7 @@ def _text_site(original, module, site, layer, handle, geom, extra):
     return forward
 
 
-def _attention_macs(module, geom, queries_all: bool, keys) -> callable:
+def _attention_macs(module, geom, queries_all: bool, keys) -> Callable[[int], int]:
     per_token = linear_macs(module)
     inner = module.inner_dim if hasattr(module, "inner_dim") else module.to_q.out_features
 
@@ -343,7 +344,7 @@ def _cross_site(original, module, site, layer, handle, geom, extra):
         ctx, mask = call.arguments.get("encoder_hidden_states"), call.arguments.get("attention_mask")
 
         def on(index):  # only the queries ``index`` (B, k)
-            return original(**_replace_first(call, "hidden_states", gather_tokens(x, index)))
+            return _call_with(original, call, "hidden_states", gather_tokens(x, index))
 
         kw = {"x": x} if "x" in extra else {}
         return handle.branch(layer, site.branch, full=lambda: original(*args, **kwargs), tokens=on,

@@ -99,7 +99,8 @@ class PipelineClock:
         begin = int(getattr(scheduler, "begin_index", None) or 0)
         timesteps = scheduler.timesteps
         if timesteps is None:
-            raise ClockError("The scheduler has no timesteps: the pipeline called the transformer before set_timesteps.")
+            raise ClockError("The scheduler has no timesteps: the pipeline called the transformer "
+                             "before set_timesteps.")
         if not self.started:
             self._begin(len(timesteps) - begin, rows, adapter)
         S = self.handle.run.num_steps
