@@ -87,6 +87,10 @@ def main() -> None:
     model, data, name, sampler, steps, cfg_scale = load_model(args.weights)
     record = {"date": datetime.now(timezone.utc).isoformat(), "model": name, "sampler": sampler, "steps": steps,
               "cfg_scale": cfg_scale, "args": {k: str(v) for k, v in vars(args).items()}, "env": environment()}
+    if args.weights is not None:
+        from stepcache.models.embedded import embedded_config
+
+        record["weights_training"] = embedded_config(args.weights.with_suffix(".json")).get("training")
     tcfg = RouterTrainConfig(num_steps=steps, lam=args.lam, lr=args.lr, iters=args.iters, batch_size=args.batch_size,
                              ste_threshold=args.ste_threshold, threshold=args.thresholds[0],
                              checkpoint_every=max(1, args.iters // 4))
