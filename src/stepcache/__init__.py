@@ -15,7 +15,7 @@ from stepcache.sampling.sample import sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "DiT", "sample", "apply", "CacheHandle", "CacheStats", "StepContext", "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa",
-    "StepcacheError", "ConfigError", "CheckpointError", "ModelMismatchError", "UnsupportedModelError",
+    "DiT", "sample", "apply", "CacheHandle", "CacheStats", "StepContext", "PolicyConfig", "NoCache", "FORA", "L2C",
+    "ToCa", "StepcacheError", "ConfigError", "CheckpointError", "ModelMismatchError", "UnsupportedModelError",
     "ClockError", "__version__",
 ]
