@@ -18,7 +18,7 @@ import stepcache  # noqa: E402
 from stepcache import FORA, NoCache  # noqa: E402
 from stepcache.errors import ClockError, ConfigError, UnsupportedModelError  # noqa: E402
 from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy  # noqa: E402
-from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Partial  # noqa: E402
+from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial  # noqa: E402
 from stepcache.runtime.context import StepContext  # noqa: E402
 from helpers import randomize  # noqa: E402
 
@@ -34,6 +34,7 @@ class Probe(PolicyConfig):
     k: int | None = None
     partial: tuple = ()
     map_branch: str = ""
+    values: bool = False  # ask for value norms on "attn"
     method: ClassVar[str] = "test-probe"
 
 
@@ -46,6 +47,8 @@ class ProbeHandler(PolicyHandler):
     def decide(self, ctx, layer, branch):
         self.seen.append((ctx.i, ctx.call, layer, branch))
         if ctx.is_first:
+            if self.config.values and branch == "attn":
+                return Compute(need_values=True)
             return COMPUTE_WITH_MAP if branch == self.config.map_branch else COMPUTE
         if branch in self.config.partial:
             T = self.info.num_tokens
@@ -53,9 +56,11 @@ class ProbeHandler(PolicyHandler):
             return Partial(torch.arange(k).expand(self.run.batch, k))
         return REUSE
 
-    def observe(self, ctx, layer, branch, attn_map=None, **kw):
+    def observe(self, ctx, layer, branch, attn_map=None, values=None, **kw):
         if attn_map is not None:
             self.maps.append(attn_map)
+        if values is not None:
+            self.maps.append(values)
 
 
 # ------------------------------------------------------------------------------ tiny families
@@ -232,6 +237,18 @@ def test_partial_on_all_tokens_matches_full(family):
     with stepcache.apply(pipe, Probe(partial=())):  # everything reused after the first step
         reused = run(pipe)
     assert torch.isfinite(every).all() and (every - reused).abs().max() > 1e-7
+
+
+def test_value_norms_keep_the_output(family):
+    """kv-norm style scores: value norms (B, H, T) of the image tokens, output unchanged (fused attention)."""
+    name, pipe, run, base = family
+    with stepcache.apply(pipe, Probe(values=True)) as handle:
+        out = run(pipe, steps=2)
+        values = handle.handler.maps
+    T = handle.info.num_tokens
+    assert values and all(v.shape == (2 if name != "flux" else 1, 2, T) for v in values)
+    with stepcache.apply(pipe, Probe()):  # the same decisions without value norms
+        assert torch.equal(out, run(pipe, steps=2))
 
 
 # ------------------------------------------------------------------------------ family specifics
