@@ -150,12 +150,14 @@ def methods(pipe):
         def install():
             apply_fn(tr, config)
             registry = HookRegistry.check_if_exists_or_initialize(tr)
+            registry.invalidate_child_registries_cache()  # hooks were added below the transformer
             context = tr.register_forward_pre_hook(lambda *_: _set_cache_context(tr, CacheContext("cond_uncond")))
 
             def remove():
                 context.remove()
                 for name in names:
                     registry.remove_hook(name, recurse=True)
+                registry.invalidate_child_registries_cache()
             return remove, None, lambda: registry.reset_stateful_hooks(recurse=True)
 
         return install
