@@ -350,3 +350,17 @@ def test_handler_routes_attn_and_mlp_only():
     assert kinds(2) == kinds(0) == ["compute", "compute", "reuse", "reuse", "compute", "compute"]
     with pytest.raises(stepcache.UnsupportedModelError):
         make_handler(L2C(logits), ModelInfo(depth=2, num_tokens=4, grid=(2, 2), branches=("attn1", "ff")))
+
+
+def test_shipped_router_fits_the_embedded_model():
+    from stepcache.models import embedded
+
+    path = embedded.ASSETS / f"embedded_router_ddim{embedded.DEFAULT_STEPS}.safetensors"
+    if not path.is_file() or not embedded.WEIGHTS_FILE.is_file():
+        pytest.skip("no shipped router or embedded model")
+    policy = L2C.from_checkpoint(path)
+    _, meta = load_router(path)
+    config = embedded.embedded_config()["model"]
+    assert policy.num_steps == embedded.DEFAULT_STEPS and policy.depth == config["depth"]
+    assert meta["model"]["config"] == config and meta["sampler"] == embedded.DEFAULT_SAMPLER
+    assert 0.0 < active_units(policy.logits(), policy.threshold)["skipped_share"] < 1.0
