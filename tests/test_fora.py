@@ -7,7 +7,9 @@ import stepcache
 from stepcache import FORA, NoCache, sample
 from stepcache.diffusion.schedule import Diffusion
 from stepcache.models.dit import modulate
+from stepcache.policies.base import ModelInfo, make_handler
 from stepcache.policies.fora import fora_refresh
+from stepcache.runtime.context import RunInfo, StepContext
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import ddpm_step
 from helpers import tiny_dit
@@ -22,15 +24,24 @@ def _run(model, steps, policy, sampler="ddpm", n=2, seed=0, cfg=1.5):
 
 
 @pytest.mark.parametrize("steps,interval,count", [(250, 3, 84), (250, 4, 64), (50, 3, 18), (250, 2, 126),
-                                                  (250, 8, 33), (20, 3, 8)])
+                                                  (250, 5, 51), (250, 6, 43), (250, 7, 37), (250, 8, 33), (20, 3, 8)])
 def test_refresh_counts_match_spec(steps, interval, count):
-    model = tiny_dit(depth=2, hidden=32, heads=2, input_size=4)
+    handler = make_handler(FORA(interval), ModelInfo(depth=1, num_tokens=4, grid=(2, 2), branches=("attn", "mlp")))
+    handler.reset(RunInfo(steps, 1))
+    full = [i for i in range(steps - 1, -1, -1) if handler.decide(StepContext(i, steps), 0, "mlp").kind == "compute"]
+    assert len(full) == count
+    assert full[0] == steps - 1 and full[-1] == 0
+
+
+@pytest.mark.parametrize("steps,interval,count", [(250, 4, 64), (50, 3, 18)])
+def test_refresh_counts_through_a_real_run(steps, interval, count):
+    model = tiny_dit(depth=1, hidden=32, heads=2, input_size=4)
     _, stats = _run(model, steps, FORA(interval), n=1)
     full = stats.full_steps()
     assert len(full) == count
     assert full == [i for i in range(steps - 1, -1, -1) if fora_refresh(i, steps, interval)]
-    assert full[0] == steps - 1 and full[-1] == 0
     assert stats.nfe == steps
+    assert all(k == 0 for i in stats.steps() if i not in full for k in stats.decisions[i].values())
 
 
 def test_refresh_sequences_from_spec():
