@@ -32,7 +32,7 @@ NUM_CLASSES = 10
 # Default sampling settings of the embedded model (chosen by measuring quality; see MODEL_CARD.md).
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = 50
-DEFAULT_CFG = 1.5
+DEFAULT_CFG = 4.0
 
 
 def _split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
