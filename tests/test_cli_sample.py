@@ -73,3 +73,21 @@ def test_argparse_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(["sample"] + argv)
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("extra", [["--cache", "toca", "--interval", "3", "--score", "kv-norm"],
+                                   ["--cache", "l2c"]])
+def test_embedded_model_with_toca_and_shipped_l2c_router(tmp_path, capsys, extra):
+    code = main(["sample", "--model", "embedded", "--sampler", "ddim", "--num-sampling-steps", "50", "--cfg-scale",
+                 "1.5", "--class-labels", "3", "7", "--out-dir", str(tmp_path)] + extra)
+    assert code == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert record["policy"]["method"] == extra[1]
+    assert record["result"]["macs_executed"] < record["baseline"]["macs_executed"]
+    assert next(tmp_path.glob("*.png")).stat().st_size > 0
+
+
+def test_l2c_without_router_for_a_native_model(capsys, tmp_path):
+    code, err = _err(capsys, ["sample", "--model", "DiT-S/8", "--random-weights", "--cache", "l2c",
+                              "--out-dir", str(tmp_path)])
+    assert code == 2 and "--router" in err[0]

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from stepcache.errors import CheckpointError, ConfigError
+from stepcache.policies.toca import SCHEDULES
+from stepcache.policies.toca_scores import SCORES
 
 METHODS = ("none", "fora", "toca", "l2c")
 
@@ -35,8 +37,14 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
                    help="FORA/ToCa refresh interval N; FORA's --cache-threshold (default: %(default)s)")
     g.add_argument("--fresh-ratio", type=float, default=0.07,
                    help="ToCa share of tokens recomputed on partial steps (default: %(default)s)")
-    g.add_argument("--schedule", default="ToCa-ddim50", help="ToCa ratio schedule (default: %(default)s)")
-    g.add_argument("--score", default="attention", help="ToCa token score (default: %(default)s)")
+    g.add_argument("--schedule", default="ToCa-ddim50", choices=SCHEDULES,
+                   help="ToCa ratio schedule (default: %(default)s; ToCa-ddpm250 for DDPM-250)")
+    g.add_argument("--score", default="attention", choices=SCORES,
+                   help="ToCa token score; kv-norm keeps fused attention (default: %(default)s)")
+    g.add_argument("--bonus", type=float, default=0.6,
+                   help="ToCa weight of the spatial-spread bonus, 0 = off (default: %(default)s)")
+    g.add_argument("--bonus-grid", type=int, default=2,
+                   help="ToCa size of the bonus cells, in tokens (default: %(default)s)")
     g.add_argument("--staleness-weight", type=float, default=0.25,
                    help="ToCa weight of the cache-staleness score (default: %(default)s)")
     g.add_argument("--decision", default="reference", choices=("reference", "per-step"),
@@ -55,9 +63,15 @@ def build_policy(args):
         return stepcache.FORA(interval=args.interval)
     if args.cache == "toca":
         return stepcache.ToCa(interval=args.interval, fresh_ratio=args.fresh_ratio, schedule=args.schedule,
-                              score=args.score, staleness_weight=args.staleness_weight, decision=args.decision)
+                              score=args.score, staleness_weight=args.staleness_weight, bonus=args.bonus,
+                              bonus_grid=args.bonus_grid, decision=args.decision)
     if args.router is None:
-        raise ConfigError("--cache l2c needs --router FILE.")
+        shipped = Path(__file__).resolve().parents[1] / "assets" / (
+            f"embedded_router_{args.sampler}{args.num_sampling_steps}.safetensors")
+        if getattr(args, "model", None) != "embedded" or not shipped.is_file():
+            raise ConfigError("--cache l2c needs --router FILE (a router is shipped only for the embedded model "
+                              "with DDIM-50).")
+        args.router = str(shipped)
     return stepcache.L2C.from_checkpoint(args.router, threshold=args.threshold)
 
 
