@@ -47,7 +47,7 @@ def test_sample_writes_record_and_latents_offline(tmp_path, capsys, monkeypatch)
     (["--model", "DiT-S/8", "--random-weights", "--class-labels", "-1"], "class labels"),
     (["--model", "DiT-S/8", "--random-weights", "--cache", "fora", "--interval", "0"], "interval"),
     (["--model", "DiT-S/8", "--random-weights", "--cfg-scale", "0.5"], "cfg"),
-    (["--model", "DiT-S/8", "--ckpt", "/nonexistent/model.pt"], "does not exist"),
+    (["--model", "DiT-S/8", "--ckpt", "/nonexistent/model.pt"], "No checkpoint file"),
     (["--model", "DiT-S/2", "--image-size", "256"], "official checkpoint"),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(capsys, argv, needle, tmp_path):
