@@ -65,8 +65,9 @@ class PolicyHandler:
     def decide(self, ctx: StepContext, layer: int, branch: str):
         return COMPUTE
 
-    def observe(self, ctx: StepContext, layer: int, branch: str, attn_map=None) -> None:
-        """Called after a full computation of (layer, branch); ``attn_map`` (B, T, T) if requested."""
+    def observe(self, ctx: StepContext, layer: int, branch: str, attn_map=None, values=None) -> None:
+        """Called after a full computation of (layer, branch); ``attn_map`` (B, T, T) or the value
+        norms ``values`` (B, H, T) when the action asked for them."""
 
 
 def register_policy(config_cls: type):
