@@ -71,23 +71,21 @@ def test_load_embedded_reports_a_missing_file(tmp_path):
 
 
 def test_embedded_model_denoises_digits_into_their_class():
-    """One-shot x0 prediction from held-out digits noised to t=150 is classified better than the noisy input."""
+    """One-shot x0 prediction from held-out digits noised to t=400 is classified better than the noisy input."""
     from stepcache.diffusion.schedule import Diffusion
 
     model = load_embedded()
     x, y = digits_data("test")
     x, y = x[:80], y[:80]
     d = Diffusion(1000)
-    t = torch.full((80,), 150)
+    t = torch.full((80,), 400)
     xt = d.q_sample(x, t, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         x0 = d.predict_xstart(xt, t, model(xt, t, y)).clamp(-1, 1)
     denoised, noisy = score_digits(x0, y).class_accuracy, score_digits(xt.clamp(-1, 1), y).class_accuracy
-    assert denoised >= 0.8 and denoised > noisy + 0.1, (denoised, noisy)
+    assert denoised >= 0.6 and denoised > noisy + 0.3, (denoised, noisy)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped checkpoint is under-trained: it has not learned class "
-                   "conditioning yet (see MODEL_CARD.md); remove this mark once retrained")
 def test_embedded_model_draws_the_requested_digits():
     """Regression guard: uncached DDIM-10 samples are classified as their labels far above chance (10%)."""
     import stepcache
