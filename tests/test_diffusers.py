@@ -328,3 +328,84 @@ def test_diffusers_cache_is_refused_both_ways():
     handle.remove()
     tr.enable_cache(FirstBlockCacheConfig(threshold=0.1))
     assert tr.is_cache_enabled
+
+
+# ------------------------------------------------------------------------------ ToCa on joint-attention families
+TOCA_JOINT = {"sd3": (build_sd3, run_sd3), "flux": (build_flux, run_flux)}
+
+
+@pytest.mark.parametrize("name", list(TOCA_JOINT))
+def test_toca_kv_norm_runs_on_joint_families_and_r0_is_fora(name):
+    from stepcache import ToCa
+
+    build, run = TOCA_JOINT[name]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    base = run(pipe)
+    with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.3, schedule="constant", score="kv-norm")) as handle:
+        out = run(pipe)
+        stats = handle.stats()
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-7
+    assert stats.full_steps() == [2, 0] and stats.macs_executed < stats.macs_uncached
+    with stepcache.apply(pipe, FORA(2)):
+        fora = run(pipe)
+    with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.0, score="kv-norm")):
+        assert torch.equal(run(pipe), fora)
+    assert not torch.equal(out, fora)  # the partial step recomputed some image tokens
+
+
+def test_toca_map_score_on_sd3_raises_naming_usable_scores():
+    from stepcache import ToCa
+
+    pipe = build_sd3()
+    with pytest.raises(ConfigError, match="kv-norm"):
+        stepcache.apply(pipe, ToCa(score="attention"))
+    assert all("forward" not in m.__dict__ for m in pipe.transformer.modules())
+
+
+def test_toca_state_is_kept_per_model_call():
+    """FLUX true CFG calls the model twice per step: each call has its own staleness counters."""
+    from stepcache.policies.base import ModelInfo
+    from stepcache.policies.toca import ToCa, ToCaHandler
+    from stepcache.runtime.context import RunInfo
+
+    info = ModelInfo(depth=1, num_tokens=4, grid=(2, 2), branches=("attn", "mlp", "context_mlp"),
+                     family="diffusers.FluxTransformer2DModel")
+    handler = ToCaHandler(ToCa(interval=3, fresh_ratio=0.5, schedule="constant", score="norm", bonus=0), info)
+    handler.reset(RunInfo(num_steps=3, batch=1))
+    actions = []
+    for i in (2, 1):
+        for call in (0, 1):
+            ctx = StepContext(i, 3, call=call)
+            attn = handler.decide(ctx, 0, "attn")
+            handler.see_tokens(ctx, 0, "mlp", torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+            actions.append((attn, handler.decide(ctx, 0, "mlp"), handler.decide(ctx, 0, "context_mlp")))
+    assert [a[2] for a in actions] == [COMPUTE, COMPUTE, REUSE, REUSE]
+    assert all(isinstance(a[1], Partial) and a[1].index.shape == (1, 2) for a in actions[2:])
+    counters = [handler.counters[0], handler.states[0]["counters"][0]]  # call 1 (active), call 0
+    assert [int(c.max()) for c in counters] == [1, 1] and [int(c.sum()) for c in counters] == [2, 2]
+
+
+def test_toca_on_pixart_shares_cross_tokens_with_mlp_and_r0_is_fora():
+    from stepcache import ToCa
+
+    pipe = build_pixart()
+    pipe.set_progress_bar_config(disable=True)
+    with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.3, schedule="constant", score="attention")) as handle:
+        decide, chosen = handle.handler.decide, {}
+
+        def record(ctx, layer, branch):
+            action = decide(ctx, layer, branch)
+            chosen.setdefault((ctx.i, layer, branch), action)
+            return action
+
+        handle.handler.decide = record
+        out = run_pixart(pipe)
+    assert chosen[(1, 0, "attn")] is REUSE and isinstance(chosen[(1, 0, "cross")], Partial)
+    assert chosen[(1, 0, "cross")].index.shape == (2, 4)  # CFG rows, int(0.3 * 16) tokens
+    assert torch.equal(chosen[(1, 0, "mlp")].index, chosen[(1, 0, "cross")].index)
+    with stepcache.apply(pipe, FORA(2)):
+        fora = run_pixart(pipe)
+    with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.0)):
+        assert torch.equal(run_pixart(pipe), fora)
+    assert torch.isfinite(out).all() and not torch.equal(out, fora)

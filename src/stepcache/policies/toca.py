@@ -16,6 +16,11 @@ exactly, quirks included:
 - The schedules' layer normaliser 27 (hard-coded for 28-layer DiT-XL) is generalised as
   ``depth - 1`` (exactly 27 for depth 28; 1 for a one-layer model).
 - Scores: see :mod:`stepcache.policies.toca_scores`; then staleness (weight / N) and the 2x2 bonus.
+
+Diffusers models (docs/diffusers.md): branches other than attn/mlp/cross are Compute/Reuse by
+layer; SD3/FLUX (no attention map) refuse map scores; state is kept per ``StepContext.call``
+(FLUX true CFG); PixArt picks tokens at "cross" and reuses them for "mlp" (the paper's PixArt
+entropy score and ratio schedule are not implemented).
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerw
 # (step weight, layer weight) of the schedules of the form ratio * layer_f * step_f * module_f.
 _PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
 DECISIONS = ("reference", "per-step")
+# Model families whose attention is joint text+image with RoPE (SD3, FLUX): the adapters give no map.
+NO_MAP_FAMILIES = ("diffusers.SD3Transformer2DModel", "diffusers.FluxTransformer2DModel")
+PARTIAL_BRANCHES = ("attn", "mlp", "cross")  # any other branch: Compute on full layers, else Reuse
+_CALL_STATE = ("interval", "block_flags", "step_seen", "step_flag", "counters", "saved", "x", "cached",
+               "cross_index")
 COMPUTE_WITH_VALUES = Compute(need_values=True)
 
 
@@ -159,10 +169,19 @@ class ToCaHandler(PolicyHandler):
         if config.bonus > 0 and (h % config.bonus_grid or w % config.bonus_grid):
             raise ConfigError(f"ToCa's spatial bonus needs a token grid divisible by bonus_grid="
                               f"{config.bonus_grid}, got {h}x{w}; set bonus=0 or another bonus_grid.")
+        if config.needs_attention_map and info.family in NO_MAP_FAMILIES:
+            usable = ", ".join(x for x in S.SCORES if x not in S.MAP_SCORES)
+            raise ConfigError(f"ToCa score {config.score!r} needs an attention map, which {info.family} cannot "
+                              f"give (joint attention); choose one of {usable}.")
         self.reset(None)
 
     def reset(self, run) -> None:
         self.run = run
+        self.states: dict[int, dict] = {}  # per model call of a step (FLUX true CFG: 0 cond, 1 uncond)
+        self.active_call = 0
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
         self.interval = self.config.interval
         self.block_flags = [False] * self.info.depth  # full or partial, per layer, this step
         self.step_seen = None  # per-step decision: the step already decided, and its flag
@@ -170,6 +189,19 @@ class ToCaHandler(PolicyHandler):
         self.counters: dict[int, torch.Tensor | None] = {}  # (rows, T) int32; None: all zero
         self.saved: dict[int, torch.Tensor] = {}  # (rows, T) score part from the last full step
         self.x = self.cached = None
+        self.cross_index: dict[int, torch.Tensor] = {}  # PixArt: tokens chosen at "cross", reused by "mlp"
+
+    def _activate(self, call: int) -> None:
+        """Swap in the per-run state of model call ``call``, so two calls per step never mix."""
+        if call == self.active_call:
+            return
+        self.states[self.active_call] = {name: getattr(self, name) for name in _CALL_STATE}
+        self.active_call = call
+        if call in self.states:
+            for name, value in self.states.pop(call).items():
+                setattr(self, name, value)
+        else:
+            self._fresh_state()
 
     # ------------------------------------------------------------------ step type
     def block_full(self, i: int, num_steps: int, layer: int) -> bool:
@@ -189,10 +221,19 @@ class ToCaHandler(PolicyHandler):
 
     # ------------------------------------------------------------------ runtime API
     def see_tokens(self, ctx, layer: int, branch: str, x: torch.Tensor, cached) -> None:
-        if branch == "mlp":
+        self._activate(getattr(ctx, "call", 0))
+        if branch in ("mlp", "cross"):
             self.x, self.cached = x, cached  # (B, T, D) each
 
     def decide(self, ctx, layer: int, branch: str):
+        self._activate(getattr(ctx, "call", 0))
+        if branch not in PARTIAL_BRANCHES:  # e.g. SD3/FLUX "context_mlp", SD3.5 "attn2"
+            return COMPUTE if self.block_flags[layer] else REUSE
+        if branch == "cross":  # PixArt: choose the tokens here; "mlp" reuses the same index
+            if self.block_flags[layer]:
+                return COMPUTE
+            self.cross_index[layer] = self.select(ctx, layer)
+            return Partial(self.cross_index[layer])
         if branch == "attn":
             full = self.block_full(ctx.i, ctx.num_steps, layer)
             self.block_flags[layer] = full
@@ -205,9 +246,13 @@ class ToCaHandler(PolicyHandler):
         if full:
             self.counters[layer] = None
             return COMPUTE
-        return Partial(self.select(ctx, layer))
+        index = self.cross_index.pop(layer, None)
+        return Partial(self.select(ctx, layer) if index is None else index)
 
     def observe(self, ctx, layer: int, branch: str, attn_map=None, values=None) -> None:
+        self._activate(getattr(ctx, "call", 0))
+        if branch != "attn":
+            return
         if attn_map is not None:  # (B, T, T); keep only what the score needs, (B, T)
             fn = S.attention_over_max if self.config.score == "compress" else S.attention_received
             self.saved[layer] = fn(attn_map)
