@@ -19,17 +19,12 @@ SUBCOMMANDS = ["sample", "demo", "bench", "train_router", "router_report", "samp
 def build_parser() -> argparse.ArgumentParser:
     from stepcache import __version__
 
-    parser = argparse.ArgumentParser(prog="stepcache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="stepcache", description="Training-free feature caching for diffusion "
+                                     "transformers: FORA, ToCa and Learning-to-Cache.")
     parser.add_argument("--version", action="version", version=f"stepcache {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"stepcache.cli.{name}")
-        except ModuleNotFoundError as exc:  # TEMPORARY while the subcommands are being written
-            if exc.name == f"stepcache.cli.{name}":
-                continue
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"stepcache.cli.{name}").add_parser(sub)
     return parser
 
 
