@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 
 from stepcache import DiT
+from stepcache.cli.common import randomize_
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Re-randomise every parameter except pos_embed (the paper zeroes adaLN and the final layer)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            std = 0.02 if p.dim() > 1 else 0.01
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+    randomize_(model, seed)
     return model
 
 

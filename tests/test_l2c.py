@@ -21,13 +21,7 @@ from stepcache.sampling.samplers import ddim_step
 from helpers import tiny_dit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_router(steps, depth, attn_active, mlp_active, seed=0):

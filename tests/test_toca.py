@@ -20,13 +20,7 @@ DDPM250_N4 = ([249, 240, 234, 228, 222, 216, 210] + list(range(205, 159, -5)) + 
 DDIM50_N3 = [49, 44, 40, 36, 30, 27, 24, 21, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread on a shared machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec_k(schedule_weights, i, S_, layer, T, ratio=0.07):
