@@ -386,12 +386,13 @@ def test_toca_state_is_kept_per_model_call():
     assert [int(c.max()) for c in counters] == [1, 1] and [int(c.sum()) for c in counters] == [2, 2]
 
 
-def test_toca_on_pixart_shares_cross_tokens_with_mlp_and_r0_is_fora():
+def test_toca_dit_variant_on_pixart_shares_cross_tokens_with_mlp_and_r0_is_fora():
     from stepcache import ToCa
 
     pipe = build_pixart()
     pipe.set_progress_bar_config(disable=True)
-    with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.3, schedule="constant", score="attention")) as handle:
+    policy = ToCa(interval=2, fresh_ratio=0.3, schedule="constant", score="attention", variant="dit")
+    with stepcache.apply(pipe, policy) as handle:
         decide, chosen = handle.handler.decide, {}
 
         def record(ctx, layer, branch):
@@ -406,6 +407,141 @@ def test_toca_on_pixart_shares_cross_tokens_with_mlp_and_r0_is_fora():
     assert torch.equal(chosen[(1, 0, "mlp")].index, chosen[(1, 0, "cross")].index)
     with stepcache.apply(pipe, FORA(2)):
         fora = run_pixart(pipe)
-    with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.0)):
-        assert torch.equal(run_pixart(pipe), fora)
+    for variant in ("dit", "pixart"):
+        with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.0, variant=variant)):
+            assert torch.equal(run_pixart(pipe), fora)
     assert torch.isfinite(out).all() and not torch.equal(out, fora)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_toca_noop_equals_uncached(name):
+    """interval=1 computes every step in full: the output is the plain model's, bit for bit (the
+    scores' maps and value norms are computed beside diffusers' own attention)."""
+    from stepcache import ToCa
+
+    build, run = FAMILIES[name]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    base = run(pipe)
+    policy = ToCa(interval=1) if name == "pixart" else ToCa(interval=1, score="kv-norm")
+    with stepcache.apply(pipe, policy) as handle:
+        assert torch.equal(run(pipe), base)
+        assert handle.stats().ideal_speedup == 1.0
+
+
+# ------------------------------------------------------------------------------ ToCa, PixArt variant
+def _pixart_ratio(fresh_ratio, p, S, layer, depth, module):
+    """The reference's PixArt "ToCa" schedule, in its operation order."""
+    step_factor = 1 - (-0.9) + 2 * (-0.9) * p / S
+    layer_factor = 1 + 0.6 - 2 * 0.6 * layer / (depth - 1)
+    module_factor = (1 - (1 - 0.6) * 1.0) if module == "cross" else (1 + 0.6 * 1.0)
+    return fresh_ratio * layer_factor * step_factor * module_factor
+
+
+def _bonus_4x4(score, side, ratio=0.4):
+    """The arg-max token of every 4x4 cell (row-major token grid) gets + max * ratio, cell by cell."""
+    out = score.clone()
+    for r in range(score.shape[0]):
+        for cy in range(0, side, 4):
+            for cx in range(0, side, 4):
+                cell = [(cy + y) * side + cx + x for y in range(4) for x in range(4)]
+                values = score[r, cell]
+                j = int(values.argmax())
+                out[r, cell[j]] += values[j] * ratio
+    return out
+
+
+def test_toca_pixart_variant_follows_the_reference_rules():
+    """Replays a run against an independent transcription of the reference's PixArt cache logic:
+    full/partial blocks (steps counting up, interval round(N / (0.8 + 0.4 p/S))), per-module k,
+    the cross-attention-entropy score of the averaged CFG halves with staleness and the 4x4 bonus,
+    the same tokens for both halves, and the cross map refreshed row by row on partial steps."""
+    from stepcache import ToCa
+
+    pipe = build_pixart()
+    pipe.set_progress_bar_config(disable=True)
+    S, side, N, R = 8, 8, 2, 0.3
+    events = []
+    with stepcache.apply(pipe, ToCa(interval=N)) as handle:
+        handler = handle.handler
+        assert handler.pixart and handler.config.fresh_ratio == 0.30 and handler.config.bonus_grid == 4
+        decide, observe = handler.decide, handler.observe
+
+        def record_decide(ctx, layer, branch):
+            action = decide(ctx, layer, branch)
+            events.append(("decide", ctx.num_steps - 1 - ctx.i, layer, branch, action))
+            return action
+
+        def record_observe(ctx, layer, branch, attn_map=None, values=None, index=None):
+            observe(ctx, layer, branch, attn_map=attn_map, values=values, index=index)
+            if attn_map is not None:
+                events.append(("map", layer, branch, attn_map.clone(), index))
+
+        handler.decide, handler.observe = record_decide, record_observe
+        rows = (0, 1)
+        pe, ne = _embeds(rows, 6, 32, 0)[0], _embeds(rows, 6, 32, 50)[0]
+        mask = torch.ones(len(rows), 6)
+        mask[:, 4:] = 0
+        out = pipe(prompt=None, negative_prompt=None, prompt_embeds=pe, prompt_attention_mask=mask,
+                   negative_prompt_embeds=ne, negative_prompt_attention_mask=torch.ones(len(rows), 6),
+                   height=128, width=128, latents=_latents(rows, (4, 2 * side, 2 * side)), num_inference_steps=S,
+                   guidance_scale=4.5, output_type="latent", use_resolution_binning=False).images
+    assert torch.isfinite(out).all()
+
+    depth, T = 2, side * side
+    threshold, maps, counters, full_blocks, partial_k = N, {}, {}, set(), set()
+    for event in events:
+        if event[0] == "map":
+            _, layer, branch, m, index = event
+            if index is None:
+                maps[layer] = m.clone()
+            else:
+                maps[layer].scatter_(1, index.unsqueeze(-1).expand(-1, -1, m.shape[-1]), m)
+            continue
+        _, p, layer, branch, action = event
+        if branch == "attn":
+            used = N if p == 0 else threshold
+            full = p == 0 or p % used == 0
+            assert (action.kind == "compute") is full, (p, layer)
+            if full:
+                full_blocks.add((p, layer))
+                threshold = int(torch.round(N / torch.tensor(1 - 0.2 + 2 * 0.2 * p / S)))
+            continue
+        if (p, layer) in full_blocks:
+            assert action.kind == "compute" and action.need_map is (branch == "cross")
+            counters[(layer, branch)] = torch.zeros(4, T, dtype=torch.int32)
+            continue
+        assert action.kind == "partial" and action.need_map is (branch == "cross")
+        k = int(torch.clamp(torch.tensor(_pixart_ratio(R, p, S, layer, depth, branch)), 0, 1) * T)
+        half_map = 0.5 * maps[layer][:2] + 0.5 * maps[layer][2:]
+        entropy = -torch.sum(half_map * torch.log(half_map + 1e-7), dim=-1)
+        score = torch.nn.functional.normalize(1 + entropy, dim=1).repeat(2, 1)
+        score = score + 0.25 * (counters[(layer, branch)].float() / N)
+        score = _bonus_4x4(score, side)
+        expected = score.argsort(dim=-1, descending=True)[:, :k]
+        assert torch.equal(action.index, expected), (p, layer, branch)
+        assert torch.equal(action.index[:2], action.index[2:])  # the same tokens for both CFG halves
+        counters[(layer, branch)] += 1
+        counters[(layer, branch)].scatter_(1, expected, 0)
+        partial_k.add((branch, k))
+    assert {p for p, _ in full_blocks} == {0, 2, 4, 6} and (1, 0) not in full_blocks
+    assert {k for b, k in partial_k if b == "cross"} and max(k for b, k in partial_k if b == "mlp") > max(
+        k for b, k in partial_k if b == "cross")
+
+
+def test_toca_variant_settings_are_checked():
+    from stepcache import ToCa
+    from stepcache.policies.base import ModelInfo
+    from stepcache.policies.toca import ToCaHandler
+
+    pixart = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "cross", "mlp"),
+                       family="diffusers.PixArtTransformer2DModel")
+    dit = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "mlp"))
+    assert ToCaHandler(ToCa(), dit).config.fresh_ratio == 0.07
+    assert ToCaHandler(ToCa(fresh_ratio=0.2, bonus=0.0), pixart).config.schedule == "ToCa-pixart"
+    for bad, info in ((ToCa(schedule="ToCa-ddim50"), pixart), (ToCa(score="compress"), pixart),
+                      (ToCa(schedule="ToCa-pixart"), dit), (ToCa(variant="pixart"), dit)):
+        with pytest.raises(ConfigError):
+            ToCaHandler(bad, info)
+    with pytest.raises(ConfigError):
+        ToCa(variant="sd3")

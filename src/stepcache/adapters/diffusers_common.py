@@ -10,7 +10,8 @@ Kinds of site:
 - ``token``: a token-wise module (``FeedForward``, ``Linear``) on the image tokens; supports
   ``Partial(index)`` (gather the k rows of its input, run, scatter).
 - ``cross``: a cross-attention ``Attention`` (image queries, text keys); supports ``Partial`` (only
-  the selected queries) and ``Compute(need_map=True)`` (head-mean softmax map (B, T, L)).
+  the selected queries; with ``need_map`` also their map rows (B, k, L)) and
+  ``Compute(need_map=True)`` (head-mean softmax map (B, T, L)).
 - ``self``: a self-attention ``Attention`` on the image tokens; Compute/Reuse, with a map (B, T, T).
 - ``joint``: a joint text+image attention returning (image, text) outputs (SD3, FLUX); Compute/Reuse
   only. The two outputs are stored as one tensor [image; text] along dim 1.
@@ -92,6 +93,28 @@ def linear_macs(module: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
+def _keys_context(attn, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    if context is None:
+        return x
+    return attn.norm_encoder_hidden_states(context) if attn.norm_cross else context
+
+
+def _softmax_map(attn, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-head softmax attention probabilities (B, H, T, L) of queries x over keys from ctx."""
+    B = x.shape[0]
+    q, k = attn.to_q(x), attn.to_k(ctx)
+    H = attn.heads
+    hd = k.shape[-1] // H
+    q, k = (z.view(B, -1, H, hd).transpose(1, 2) for z in (q, k))  # (B, H, N, hd)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, T, L)
+    if mask is not None:
+        bias = attn.prepare_attention_mask(mask, k.shape[2], B)
+        scores = scores + bias.view(B, H, -1, bias.shape[-1])
+    return scores.softmax(dim=-1)
+
+
 def attention_with_map(attn, x: torch.Tensor, context: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None):
     """Explicit-softmax attention of a standard diffusers ``Attention`` (no RoPE).
@@ -100,23 +123,20 @@ def attention_with_map(attn, x: torch.Tensor, context: torch.Tensor | None = Non
     takes it. Returns the output (B, T, D) and the head-mean softmax map (B, T, L).
     """
     B, T, _ = x.shape
-    ctx = x if context is None else context
-    if context is not None and attn.norm_cross:
-        ctx = attn.norm_encoder_hidden_states(ctx)
-    q, k, v = attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
-    H = attn.heads
-    hd = k.shape[-1] // H
-    q, k, v = (z.view(B, -1, H, hd).transpose(1, 2) for z in (q, k, v))  # (B, H, N, hd)
-    if attn.norm_q is not None:
-        q, k = attn.norm_q(q), attn.norm_k(k)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, T, L)
-    if mask is not None:
-        bias = attn.prepare_attention_mask(mask, k.shape[2], B)
-        scores = scores + bias.view(B, H, -1, bias.shape[-1])
-    p = scores.softmax(dim=-1)
-    out = (p @ v).transpose(1, 2).reshape(B, T, H * hd).to(q.dtype)
+    ctx = _keys_context(attn, x, context)
+    p = _softmax_map(attn, x, ctx, mask)
+    v = attn.to_v(ctx)
+    v = v.view(B, -1, attn.heads, v.shape[-1] // attn.heads).transpose(1, 2)
+    out = (p @ v).transpose(1, 2).reshape(B, T, -1).to(x.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     return out / attn.rescale_output_factor, p.mean(dim=1)
+
+
+def attention_map(attn, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Only the head-mean softmax map (B, T, L) of a standard diffusers cross-``Attention`` (queries x
+    (B, T, D), keys from context (B, L, Dc)); the branch output itself comes from diffusers' own
+    processor, so a step that computes everything stays bit-identical to the plain model."""
+    return _softmax_map(attn, x, _keys_context(attn, x, context), mask).mean(dim=1)
 
 
 def value_norms(attn, x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +297,7 @@ def _refuse_enable_cache(*args, **kwargs):
 
 def _branch_extras(handle) -> set:
     """Optional keyword arguments this runtime's ``branch`` accepts (``x``, ``with_values``)."""
-    return set(inspect.signature(handle.branch).parameters) & {"x", "with_values"}
+    return set(inspect.signature(handle.branch).parameters) & {"x", "with_values", "tokens_with_map"}
 
 
 # ---------------------------------------------------------------------------------- site kinds
@@ -346,9 +366,15 @@ def _cross_site(original, module, site, layer, handle, geom, extra):
         def on(index):  # only the queries ``index`` (B, k)
             return _call_with(original, call, "hidden_states", gather_tokens(x, index))
 
+        def on_with_map(index):  # the same, with the head-mean softmax map of those queries (B, k, L)
+            return on(index), attention_map(module, gather_tokens(x, index), ctx, mask)
+
+        full = lambda: original(*args, **kwargs)  # noqa: E731
         kw = {"x": x} if "x" in extra else {}
-        return handle.branch(layer, site.branch, full=lambda: original(*args, **kwargs), tokens=on,
-                             with_map=lambda: attention_with_map(module, x, ctx, mask), macs=macs, **kw)
+        if "tokens_with_map" in extra:
+            kw["tokens_with_map"] = on_with_map
+        return handle.branch(layer, site.branch, full=full, tokens=on, macs=macs,
+                             with_map=lambda: (full(), attention_map(module, x, ctx, mask)), **kw)
 
     return forward
 

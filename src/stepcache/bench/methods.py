@@ -88,7 +88,8 @@ def policy_label(policy: PolicyConfig) -> str:
     if policy.method == "l2c":
         return f"l2c(threshold={policy.threshold:g})"
     shown = [f"{f.name}={getattr(policy, f.name)}" for f in dataclasses.fields(policy)
-             if f.name in ("interval", "fresh_ratio") or getattr(policy, f.name) != f.default]
+             if (f.name in ("interval", "fresh_ratio") and getattr(policy, f.name) is not None)
+             or getattr(policy, f.name) != f.default]
     return f"{policy.method}({', '.join(shown)})" if shown else policy.method
 
 

@@ -65,9 +65,10 @@ class PolicyHandler:
     def decide(self, ctx: StepContext, layer: int, branch: str):
         return COMPUTE
 
-    def observe(self, ctx: StepContext, layer: int, branch: str, attn_map=None, values=None) -> None:
+    def observe(self, ctx: StepContext, layer: int, branch: str, attn_map=None, values=None, index=None) -> None:
         """Called after a full computation of (layer, branch); ``attn_map`` (B, T, T) or the value
-        norms ``values`` (B, H, T) when the action asked for them."""
+        norms ``values`` (B, H, T) when the action asked for them. After a ``Partial(need_map=True)``,
+        ``attn_map`` (B, k, L) holds the rows of the recomputed queries ``index`` (B, k)."""
 
 
 def register_policy(config_cls: type):

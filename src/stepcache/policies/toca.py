@@ -17,16 +17,30 @@ exactly, quirks included:
   ``depth - 1`` (exactly 27 for depth 28; 1 for a one-layer model).
 - Scores: see :mod:`stepcache.policies.toca_scores`; then staleness (weight / N) and the 2x2 bonus.
 
-Diffusers models (docs/diffusers.md): branches other than attn/mlp/cross are Compute/Reuse by
+PixArt variant (``variant="pixart"``, chosen automatically on diffusers' PixArt transformer; the
+reference's PixArt-alpha code): the block is gated self-attention -> un-gated cross-attention ->
+gated MLP; partial steps reuse the self-attention and recompute the cross-attention and the MLP on
+their own top-k tokens. Steps count UP (``p = S - 1 - i``): a block is full iff ``p == 0`` or
+``p % interval == 0``, the interval re-set at layer 0's full computation to
+``round(float32(N) / float32(0.8 + 0.4 p / S))`` (no sensitive band). The ``ToCa-pixart`` ratio is
+``fresh_ratio * (1.6 - 1.2 l / (depth-1)) * (1.9 - 1.8 p / S) * m``, m = 0.6 (cross) or 1.6 (MLP).
+The ``attention`` score is s2: the cross-attention maps of the two CFG halves are averaged, the
+entropy over the text tokens ``-sum p log(p + 1e-7)`` is L2-normalised as ``1 + H``, and the SAME
+tokens are chosen for both halves; then staleness (a counter per module) and a 4x4-cell bonus of
+0.4. The cross map is refreshed at full steps and, row by row, for the tokens a partial
+cross-attention recomputes (so the MLP right after scores with the updated map). Defaults under
+this variant: fresh_ratio 0.30, schedule ``ToCa-pixart``, bonus 0.4 on 4x4 cells.
+
+Other diffusers models (docs/diffusers.md): branches other than attn/mlp/cross are Compute/Reuse by
 layer; SD3/FLUX (no attention map) refuse map scores; state is kept per ``StepContext.call``
-(FLUX true CFG); PixArt picks tokens at "cross" and reuses them for "mlp" (the paper's PixArt
-entropy score and ratio schedule are not implemented).
+(FLUX true CFG). ``variant="dit"`` on PixArt keeps DiT's rules (tokens chosen at "cross" are reused
+by "mlp").
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -38,15 +52,24 @@ from stepcache.policies.base import ModelInfo, PolicyConfig, PolicyHandler, regi
 from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial
 
 SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerwise", "linear-layerwise",
-             "linear-mode")
+             "linear-mode", "ToCa-pixart")
 # (step weight, layer weight) of the schedules of the form ratio * layer_f * step_f * module_f.
 _PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
 DECISIONS = ("reference", "per-step")
+VARIANTS = ("auto", "dit", "pixart")
+PIXART_FAMILY = "diffusers.PixArtTransformer2DModel"
+# Settings a ToCa() leaves unset (None) take the reference's values of the variant in use.
+VARIANT_DEFAULTS = {
+    "dit": {"fresh_ratio": 0.07, "schedule": "ToCa-ddim50", "bonus": 0.6, "bonus_grid": 2},
+    "pixart": {"fresh_ratio": 0.30, "schedule": "ToCa-pixart", "bonus": 0.4, "bonus_grid": 4},
+}
+DIT_ONLY_SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50")
+PIXART_SCORES = ("attention", "random", "similarity", "norm", "kv-norm", "straight")
 # Model families whose attention is joint text+image with RoPE (SD3, FLUX): the adapters give no map.
 NO_MAP_FAMILIES = ("diffusers.SD3Transformer2DModel", "diffusers.FluxTransformer2DModel")
 PARTIAL_BRANCHES = ("attn", "mlp", "cross")  # any other branch: Compute on full layers, else Reuse
 _CALL_STATE = ("interval", "block_flags", "step_seen", "step_flag", "counters", "saved", "x", "cached",
-               "cross_index")
+               "cross_index", "cross_maps")
 COMPUTE_WITH_VALUES = Compute(need_values=True)
 
 
@@ -56,42 +79,66 @@ class ToCa(PolicyConfig):
 
     interval: forced full-refresh interval N (reference ``fresh_threshold``).
     fresh_ratio: base share of tokens recomputed on partial steps, before the schedule's factors
-        (reference ``fresh_ratio``; 0.07 in the paper's DiT settings, i.e. 93 % cached).
-    schedule: one of :data:`SCHEDULES` (``ToCa-ddim50`` for DDIM-50, ``ToCa-ddpm250`` for DDPM-250).
+        (reference ``fresh_ratio``; unset: 0.07 for DiT, i.e. 93 % cached, 0.30 for PixArt).
+    schedule: one of :data:`SCHEDULES` (unset: ``ToCa-ddim50``, the DiT DDIM-50 one; ``ToCa-ddpm250``
+        for DDPM-250; ``ToCa-pixart`` under the PixArt variant).
     score: one of :data:`stepcache.policies.toca_scores.SCORES`; ``kv-norm``, ``norm``,
         ``similarity``, ``random`` and ``straight`` need no attention map (full steps keep SDPA).
+        Under the PixArt variant ``attention`` is the cross-attention entropy s2.
     staleness_weight: weight of the cache-staleness score s3 (reference ``soft_fresh_weight``).
-    bonus / bonus_grid: s4, ``+ max * bonus`` to the arg-max token of each grid x grid cell (0: off).
+    bonus / bonus_grid: s4, ``+ max * bonus`` to the arg-max token of each grid x grid cell (0: off;
+        unset: 0.6 on 2x2 cells for DiT, 0.4 on 4x4 cells for PixArt).
     decision: ``"reference"`` (interval re-decided at layer 0, mixed steps) or ``"per-step"``.
+    variant: ``"auto"`` (PixArt rules on diffusers' PixArt transformer, DiT rules elsewhere),
+        ``"dit"`` or ``"pixart"``.
     """
 
     interval: int = 3
-    fresh_ratio: float = 0.07
-    schedule: str = "ToCa-ddim50"
+    fresh_ratio: float | None = None
+    schedule: str | None = None
     score: str = "attention"
     staleness_weight: float = 0.25
-    bonus: float = 0.6
-    bonus_grid: int = 2
+    bonus: float | None = None
+    bonus_grid: int | None = None
     decision: str = "reference"
+    variant: str = "auto"
     method: ClassVar[str] = "toca"
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ConfigError(f"ToCa interval must be an integer >= 1, got {self.interval!r}.")
-        if not _is_real(self.fresh_ratio) or not 0.0 <= self.fresh_ratio <= 1.0:
+        if self.fresh_ratio is not None and (not _is_real(self.fresh_ratio) or not 0.0 <= self.fresh_ratio <= 1.0):
             raise ConfigError(f"ToCa fresh_ratio must lie in [0, 1], got {self.fresh_ratio!r}.")
-        if self.schedule not in SCHEDULES:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise ConfigError(f"Unknown ToCa schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
         if self.score not in S.SCORES:
             raise ConfigError(f"Unknown ToCa score {self.score!r}; choose one of {', '.join(S.SCORES)}.")
         if self.decision not in DECISIONS:
             raise ConfigError(f"ToCa decision must be one of {', '.join(DECISIONS)}, got {self.decision!r}.")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"ToCa variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}.")
         for name in ("staleness_weight", "bonus"):
             value = getattr(self, name)
-            if not _is_real(value) or value < 0:
+            if value is not None and (not _is_real(value) or value < 0):
                 raise ConfigError(f"ToCa {name} must be a finite number >= 0, got {value!r}.")
-        if isinstance(self.bonus_grid, bool) or not isinstance(self.bonus_grid, int) or self.bonus_grid < 1:
-            raise ConfigError(f"ToCa bonus_grid must be an integer >= 1, got {self.bonus_grid!r}.")
+        g = self.bonus_grid
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ConfigError(f"ToCa bonus_grid must be an integer >= 1, got {g!r}.")
+
+    def resolved(self, variant: str) -> "ToCa":
+        """This config with ``variant`` ("dit" or "pixart") and its defaults for the unset settings."""
+        unset = {k: v for k, v in VARIANT_DEFAULTS[variant].items() if getattr(self, k) is None}
+        cfg = replace(self, variant=variant, **unset)
+        if variant == "pixart":
+            if cfg.schedule in DIT_ONLY_SCHEDULES:
+                raise ConfigError(f"ToCa schedule {cfg.schedule!r} is DiT's; the PixArt variant takes one of "
+                                  f"{', '.join(x for x in SCHEDULES if x not in DIT_ONLY_SCHEDULES)}.")
+            if cfg.score not in PIXART_SCORES:
+                raise ConfigError(f"ToCa score {cfg.score!r} is not available under the PixArt variant; choose one "
+                                  f"of {', '.join(PIXART_SCORES)}.")
+        elif cfg.schedule == "ToCa-pixart":
+            raise ConfigError("ToCa schedule 'ToCa-pixart' belongs to the PixArt variant (variant='pixart').")
+        return cfg
 
     @property
     def needs_attention_map(self) -> bool:
@@ -113,6 +160,26 @@ def next_interval(interval: int, fresh_ratio: float, i: int, num_steps: int) -> 
     if fresh_ratio != 0 and int(0.2 * num_steps) <= i < int(0.4 * num_steps):
         value = 2
     return value
+
+
+def next_interval_pixart(interval: int, fresh_ratio: float, p: int, num_steps: int) -> int:
+    """PixArt variant: the interval set at a full step p (counting up), reference op order:
+    ``round_half_even(N / float32(1 - w + 2 w p / S))``, w = 0.2 (0 for fresh_ratio 0); no band."""
+    w = 0.2 if fresh_ratio != 0 else 0.0
+    step_factor = torch.tensor(1 - w + 2 * w * p / num_steps)  # float32
+    return int(torch.round(interval / step_factor))
+
+
+def pixart_ratio(cfg: ToCa, p: int, num_steps: int, layer: int, depth: int, branch: str) -> float:
+    """PixArt variant: recomputed share of ``branch`` ("cross" or "mlp") at step p (counting up)."""
+    if cfg.schedule in ("ToCa-pixart", "linear-layerwise"):  # the reference's PixArt "ToCa" schedule
+        step_weight, layer_weight, module_weight, module_time_weight = -0.9, 0.6, 1.0, 0.6
+        step_factor = 1 - step_weight + 2 * step_weight * p / num_steps
+        layer_factor = 1 + layer_weight - 2 * layer_weight * layer / max(depth - 1, 1)
+        module_factor = ((1 - (1 - module_time_weight) * module_weight) if branch == "cross"
+                         else (1 + module_time_weight * module_weight))  # 0.6 cross, 1.6 MLP
+        return cfg.fresh_ratio * layer_factor * step_factor * module_factor
+    return mlp_ratio(cfg, p, num_steps, layer, depth)  # the other schedules: same formulas, step p
 
 
 def mlp_ratio(cfg: ToCa, i: int, num_steps: int, layer: int, depth: int) -> float:
@@ -144,9 +211,13 @@ def tokens_to_compute(ratio: float, num_tokens: int) -> int:
 
 
 def full_steps(cfg: ToCa, num_steps: int, depth: int = 28) -> tuple[list[int], list[int]]:
-    """(steps where every layer refreshes, mixed steps where only some do), both descending."""
-    g = cfg.bonus_grid
-    handler = ToCaHandler(cfg, ModelInfo(depth=depth, num_tokens=g * g, grid=(g, g), branches=("attn", "mlp")))
+    """(steps where every layer refreshes, mixed steps where only some do), both as the descending
+    index i (the PixArt variant's step p is ``num_steps - 1 - i``)."""
+    pixart = cfg.variant == "pixart"
+    g = VARIANT_DEFAULTS["pixart" if pixart else "dit"]["bonus_grid"] if cfg.bonus_grid is None else cfg.bonus_grid
+    info = ModelInfo(depth=depth, num_tokens=g * g, grid=(g, g), branches=("attn", "cross", "mlp") if pixart
+                     else ("attn", "mlp"), family=PIXART_FAMILY if pixart else "dit")
+    handler = ToCaHandler(cfg, info)
     handler.reset(None)
     full, mixed = [], []
     for i in range(num_steps - 1, -1, -1):
@@ -164,7 +235,14 @@ class ToCaHandler(PolicyHandler):
     needs_tokens: ClassVar[bool] = True  # the runtime shows us the MLP input x (B, T, D) first
 
     def __init__(self, config: ToCa, info: ModelInfo):
+        variant = config.variant
+        if variant == "auto":
+            variant = "pixart" if info.family == PIXART_FAMILY else "dit"
+        if variant == "pixart" and "cross" not in info.branches:
+            raise ConfigError(f"ToCa's PixArt variant needs a cross-attention branch, which {info.family} has not.")
+        config = config.resolved(variant)
         super().__init__(config, info)
+        self.pixart = variant == "pixart"
         h, w = info.grid
         if config.bonus > 0 and (h % config.bonus_grid or w % config.bonus_grid):
             raise ConfigError(f"ToCa's spatial bonus needs a token grid divisible by bonus_grid="
@@ -189,7 +267,8 @@ class ToCaHandler(PolicyHandler):
         self.counters: dict[int, torch.Tensor | None] = {}  # (rows, T) int32; None: all zero
         self.saved: dict[int, torch.Tensor] = {}  # (rows, T) score part from the last full step
         self.x = self.cached = None
-        self.cross_index: dict[int, torch.Tensor] = {}  # PixArt: tokens chosen at "cross", reused by "mlp"
+        self.cross_index: dict[int, torch.Tensor] = {}  # variant dit on PixArt: tokens of "cross" reused by "mlp"
+        self.cross_maps: dict[int, torch.Tensor] = {}  # variant pixart: head-mean cross-attention map (B, T, L)
 
     def _activate(self, call: int) -> None:
         """Swap in the per-run state of model call ``call``, so two calls per step never mix."""
@@ -207,16 +286,18 @@ class ToCaHandler(PolicyHandler):
     def block_full(self, i: int, num_steps: int, layer: int) -> bool:
         """Whether block ``layer`` computes fully at step i; updates the interval like the reference."""
         cfg, first = self.config, i == num_steps - 1
+        pos = num_steps - 1 - i if self.pixart else i  # the step the modulo counts: PixArt counts up
+        rule = next_interval_pixart if self.pixart else next_interval
         if cfg.decision == "per-step":
             if self.step_seen != i:
-                self.step_seen, self.step_flag = i, first or i % self.interval == 0
+                self.step_seen, self.step_flag = i, first or pos % self.interval == 0
                 if self.step_flag:
-                    self.interval = next_interval(cfg.interval, cfg.fresh_ratio, i, num_steps)
+                    self.interval = rule(cfg.interval, cfg.fresh_ratio, pos, num_steps)
             return self.step_flag
         interval = cfg.interval if first else self.interval
-        full = first or i % interval == 0
+        full = first or pos % interval == 0
         if full and layer == 0:  # the new interval already applies to layers 1.. of this step
-            self.interval = next_interval(cfg.interval, cfg.fresh_ratio, i, num_steps)
+            self.interval = rule(cfg.interval, cfg.fresh_ratio, pos, num_steps)
         return full
 
     # ------------------------------------------------------------------ runtime API
@@ -227,6 +308,8 @@ class ToCaHandler(PolicyHandler):
 
     def decide(self, ctx, layer: int, branch: str):
         self._activate(getattr(ctx, "call", 0))
+        if self.pixart:
+            return self._decide_pixart(ctx, layer, branch)
         if branch not in PARTIAL_BRANCHES:  # e.g. SD3/FLUX "context_mlp", SD3.5 "attn2"
             return COMPUTE if self.block_flags[layer] else REUSE
         if branch == "cross":  # PixArt: choose the tokens here; "mlp" reuses the same index
@@ -247,10 +330,34 @@ class ToCaHandler(PolicyHandler):
             self.counters[layer] = None
             return COMPUTE
         index = self.cross_index.pop(layer, None)
-        return Partial(self.select(ctx, layer) if index is None else index)
+        return Partial(self.select(ctx, layer, branch) if index is None else index)
 
-    def observe(self, ctx, layer: int, branch: str, attn_map=None, values=None) -> None:
+    def _decide_pixart(self, ctx, layer: int, branch: str):
+        """PixArt variant: "attn" decides the block; "cross" and "mlp" each pick their own top-k tokens."""
+        active = self.config.fresh_ratio > 0  # R = 0: exactly FORA, no scores needed
+        if branch == "attn":
+            full = self.block_full(ctx.i, ctx.num_steps, layer)
+            self.block_flags[layer] = full
+            if not full:
+                return REUSE
+            return COMPUTE_WITH_VALUES if active and self.config.score == "kv-norm" else COMPUTE
+        if branch not in ("cross", "mlp"):
+            return COMPUTE if self.block_flags[layer] else REUSE
+        cross_map = branch == "cross" and active and self.config.score == "attention"
+        if self.block_flags[layer]:
+            self.counters[(layer, branch)] = None
+            return COMPUTE_WITH_MAP if cross_map else COMPUTE
+        return Partial(self.select(ctx, layer, branch), need_map=cross_map)
+
+    def observe(self, ctx, layer: int, branch: str, attn_map=None, values=None, index=None) -> None:
         self._activate(getattr(ctx, "call", 0))
+        if self.pixart and branch == "cross" and attn_map is not None:
+            if index is None:  # a full step: the whole map (B, T, L)
+                self.cross_maps[layer] = attn_map
+            else:  # the rows of the recomputed queries
+                m = self.cross_maps[layer]
+                m.scatter_(1, index.unsqueeze(-1).expand(-1, -1, m.shape[-1]), attn_map.to(m.dtype))
+            return
         if branch != "attn":
             return
         if attn_map is not None:  # (B, T, T); keep only what the score needs, (B, T)
@@ -260,19 +367,29 @@ class ToCaHandler(PolicyHandler):
             self.saved[layer] = S.value_norm_score(values)
 
     # ------------------------------------------------------------------ token selection
-    def select(self, ctx, layer: int) -> torch.Tensor:
-        """Top-k token indices (rows, k) of ``layer`` at a partial step; updates the staleness counter."""
+    def select(self, ctx, layer: int, branch: str = "mlp") -> torch.Tensor:
+        """Top-k token indices (rows, k) of ``layer`` at a partial step; updates the staleness counter
+        (one per layer; under the PixArt variant one per layer and module)."""
         x = self.x  # (B, T, D)
         rows, T = x.shape[0], x.shape[1]
-        k = tokens_to_compute(mlp_ratio(self.config, ctx.i, ctx.num_steps, layer, self.info.depth), T)
-        counter = self.counters.get(layer)
+        if self.pixart:
+            key, p = (layer, branch), ctx.num_steps - 1 - ctx.i
+            k = tokens_to_compute(pixart_ratio(self.config, p, ctx.num_steps, layer, self.info.depth, branch), T)
+        else:
+            key = layer
+            k = tokens_to_compute(mlp_ratio(self.config, ctx.i, ctx.num_steps, layer, self.info.depth), T)
+        counter = self.counters.get(key)
         if counter is None:
             counter = torch.zeros(rows, T, dtype=torch.int32, device=x.device)
-            self.counters[layer] = counter
+            self.counters[key] = counter
         index = torch.empty(rows, 0, dtype=torch.long, device=x.device)
         if k or (self.config.score in S.RANDOM_SCORES and self.config.fresh_ratio > 0):  # RNG drawn as reference
             score = self.score(layer, counter, x)
-            index = score.argsort(dim=-1, descending=True)[:, :k]  # per row: cond and uncond apart
+            if self.pixart and self._shared_rows(rows):  # identical halves: the same tokens for both
+                half = score[: rows // 2].argsort(dim=-1, descending=True)[:, :k]
+                index = torch.cat([half, half], dim=0)
+            else:
+                index = score.argsort(dim=-1, descending=True)[:, :k]  # per row: cond and uncond apart
         counter += 1
         counter.scatter_(1, index, 0)
         return index
@@ -286,9 +403,16 @@ class ToCaHandler(PolicyHandler):
             s = S.spatial_bonus(s, self.info.grid, cfg.bonus, cfg.bonus_grid)
         return s
 
+    def _shared_rows(self, rows: int) -> bool:
+        """PixArt variant: the score is the same for both CFG halves (s2 averages them; random draws once)."""
+        return bool(self.run is not None and self.run.cfg and rows % 2 == 0
+                    and self.config.score in ("attention", "random"))
+
     def base_score(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         name, rows, T = self.config.score, x.shape[0], x.shape[1]
         cfg_rows = bool(self.run is not None and self.run.cfg)
+        if self.pixart and name == "attention":
+            return S.cross_entropy_score(self.cross_maps[layer], cfg_rows)
         if name in ("attention", "kv-norm"):
             return self.saved[layer]
         if name == "random":

@@ -29,6 +29,7 @@ class Partial:
     """Recompute only the tokens ``index`` (rows, k) and write them into the cache."""
 
     index: torch.Tensor  # (B, k) int64, per batch row
+    need_map: bool = False  # also produce the attention map of those k queries, (B, k, L), for scoring
 
     kind = "partial"
 

@@ -98,12 +98,14 @@ class CacheHandle:
 
     def branch(self, layer: int, name: str, full: Callable, *, with_map: Callable | None = None,
                tokens: Callable | None = None, macs: Callable[[int], int],
-               with_values: Callable | None = None, x: torch.Tensor | None = None) -> torch.Tensor:
+               with_values: Callable | None = None, x: torch.Tensor | None = None,
+               tokens_with_map: Callable | None = None) -> torch.Tensor:
         """Run one branch as the policy decides; returns its un-gated output (B, T, D).
 
         ``full()`` computes it; ``with_map()`` returns (output, attention map); ``with_values()``
         returns (output, per-head value norms); ``tokens(index)`` computes it on the tokens ``index``
-        (B, k) only. ``macs(k)`` is the work for k tokens per row. ``x`` (B, T, D), the branch input,
+        (B, k) only; ``tokens_with_map(index)`` also returns the attention map of those queries
+        (B, k, L), handed to the handler with ``index``. ``macs(k)`` is the work for k tokens per row. ``x`` (B, T, D), the branch input,
         is shown to handlers that score tokens from it (``needs_tokens``) before they decide.
         """
         ctx = self.ctx
@@ -138,8 +140,14 @@ class CacheHandle:
             out = self._cached(key, ctx)
             index = action.index  # (B, k)
             k = index.shape[1]
-            if k:
+            if k and action.need_map:
+                if tokens_with_map is None:
+                    raise StepcacheError(f"branch {name!r} cannot produce an attention map for this policy.")
+                fresh, attn_map = tokens_with_map(index)  # (B, k, D), (B, k, L)
+                self.handler.observe(ctx, layer, name, attn_map=attn_map, index=index)
+            elif k:
                 fresh = tokens(index)  # (B, k, D)
+            if k:
                 out.scatter_(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]), fresh)
         elif action.kind == "blend":
             fresh = full()
