@@ -545,3 +545,34 @@ def test_toca_variant_settings_are_checked():
             ToCaHandler(bad, info)
     with pytest.raises(ConfigError):
         ToCa(variant="sd3")
+
+
+# ------------------------------------------------------------------------------ L2C-style routing
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_l2c_router_on_every_family(name):
+    """A router that keeps every unit equals the uncached pipeline bit for bit; one that reuses every
+    routed unit on cache steps changes the output and skips work; a router for another depth is refused."""
+    from stepcache import L2C
+    from stepcache.adapters import find_adapter
+    from stepcache.errors import ModelMismatchError
+
+    build, run = FAMILIES[name]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    base = run(pipe, steps=4)
+    target, adapter = find_adapter(pipe)
+    depth = adapter.info(target).depth
+    with stepcache.apply(pipe, L2C(router=[[10.0] * (2 * depth)] * 4)) as handle:
+        assert torch.equal(run(pipe, steps=4), base)
+        assert handle.stats().ideal_speedup == 1.0
+    with stepcache.apply(pipe, L2C(router=[[-10.0] * (2 * depth)] * 4)) as handle:
+        out = run(pipe, steps=4)
+        stats = handle.stats()
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    assert stats.macs_executed < stats.macs_uncached
+    with pytest.raises(ModelMismatchError):
+        stepcache.apply(pipe, L2C(router=[[0.0] * (2 * depth + 2)] * 4))
+    with stepcache.apply(pipe, L2C(router=[[0.0] * (2 * depth)] * 6)):  # made for 6 steps
+        with pytest.raises(ModelMismatchError):
+            run(pipe, steps=4)
+    assert torch.equal(run(pipe, steps=4), base)
