@@ -576,3 +576,28 @@ def test_l2c_router_on_every_family(name):
         with pytest.raises(ModelMismatchError):
             run(pipe, steps=4)
     assert torch.equal(run(pipe, steps=4), base)
+
+
+def test_sd3_skip_layer_guidance_call_runs_uncached():
+    """SD3's skip-layer guidance calls the transformer again on the cond rows with ``skip_layers``:
+    that call bypasses the policy, so FORA(1) still equals the plain pipeline and FORA(2) runs."""
+    pipe = build_sd3()
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = _embeds((0,), 6, 32, 0)[0], _embeds((0,), 6, 32, 50)[0]
+    pp = torch.randn(1, 32, generator=torch.Generator().manual_seed(7))
+
+    def run(steps=4):
+        return pipe(prompt=None, prompt_embeds=pe, negative_prompt_embeds=ne, pooled_prompt_embeds=pp,
+                    negative_pooled_prompt_embeds=-pp, height=64, width=64, latents=_latents((0,), (4, 8, 8)),
+                    num_inference_steps=steps, guidance_scale=5.0, output_type="latent", skip_guidance_layers=[1],
+                    skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0).images
+
+    base = run()
+    with stepcache.apply(pipe, FORA(1)) as handle:
+        assert torch.equal(run(), base)
+        assert handle.stats().nfe == 4 + 3 and handle.stats().ideal_speedup == 1.0  # SLG on steps 1..3
+    with stepcache.apply(pipe, FORA(2)) as handle:
+        out = run()
+        stats = handle.stats()
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    assert stats.full_steps() == [3, 2, 0] and stats.macs_executed < stats.macs_uncached

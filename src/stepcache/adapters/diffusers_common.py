@@ -194,6 +194,10 @@ class DiffusersAdapter(Adapter):
         ctx = call.arguments.get("encoder_hidden_states")
         return grid[0] * grid[1], grid, (0 if ctx is None else ctx.shape[1])
 
+    def uncached_call(self, call: inspect.BoundArguments) -> bool:
+        """True for a model call that runs without the policy (SD3's skip-layer guidance call)."""
+        return False
+
     def info(self, model) -> ModelInfo:
         grid = self.default_grid(model)
         return ModelInfo(depth=len(self.blocks(model)), num_tokens=grid[0] * grid[1], grid=grid,
@@ -231,6 +235,9 @@ class DiffusersAdapter(Adapter):
             if clock is not None:
                 clock.on_model_call(rows, call.arguments.get("timestep"), self)
             fixed = fixed_per_token[0] * T + fixed_per_token[1] * L + fixed_per_token[2]
+            if self.uncached_call(call):
+                with handle.uncached(rows * fixed):
+                    return original(*args, **kwargs)
             handle.before_call(rows, rows * fixed)
             return original(*args, **kwargs)
 

@@ -11,6 +11,11 @@ in full or reused whole (like DiT's self-attention on partial steps); only the i
 (top-k image tokens); the text stream is computed on full steps and reused otherwise (a policy
 must answer Compute/Reuse for "context_mlp"). The pipeline batches CFG as [uncond; cond] and passes
 the scheduler's timestep (sigma * 1000) unchanged.
+
+Skip-layer guidance (``skip_guidance_layers``, SD3.5): inside its step window the pipeline calls
+the transformer a second time, on the conditional rows only and with ``skip_layers``. That call runs
+uncached (every branch computed, no cache read or written, counted as full work): its inputs differ
+from the batched call's and it runs on a window of steps only, so no cache of it would be fresh.
 """
 
 from __future__ import annotations
@@ -29,3 +34,6 @@ class SD3Adapter(DiffusersAdapter):
     cfg_layout = "uncond_first"
     image_modules = ("pos_embed", "proj_out")
     text_modules = ("context_embedder",)
+
+    def uncached_call(self, call) -> bool:
+        return call.arguments.get("skip_layers") is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -33,6 +34,7 @@ class CacheHandle:
         self.ctx: StepContext | None = None
         self._patches = []
         self._removed = False
+        self._uncached = False  # inside a model call that runs without the policy
 
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> "CacheHandle":
@@ -96,6 +98,20 @@ class CacheHandle:
         self._stats.add_fixed(fixed_macs)
         return self.ctx
 
+    @contextlib.contextmanager
+    def uncached(self, fixed_macs: int):
+        """A model call that runs without the policy (e.g. SD3's skip-layer guidance call): every branch
+        computes, no cache is read or written, the work counts as executed and uncached alike."""
+        if self.ctx is None:
+            raise ClockError("The cached model was called outside a sampling run.")
+        self._stats.nfe += 1
+        self._stats.add_fixed(fixed_macs)
+        self._uncached = True
+        try:
+            yield
+        finally:
+            self._uncached = False
+
     def branch(self, layer: int, name: str, full: Callable, *, with_map: Callable | None = None,
                tokens: Callable | None = None, macs: Callable[[int], int],
                with_values: Callable | None = None, x: torch.Tensor | None = None,
@@ -109,6 +125,10 @@ class CacheHandle:
         is shown to handlers that score tokens from it (``needs_tokens``) before they decide.
         """
         ctx = self.ctx
+        if self._uncached:
+            out = full()
+            self._stats.add_fixed(out.shape[0] * macs(self.info.num_tokens))
+            return out
         key = (layer, name)
         if x is not None and getattr(self.handler, "needs_tokens", False):
             self.handler.see_tokens(ctx, layer, name, x, self.store.get(key))
