@@ -13,7 +13,7 @@ passed directly. Every method is measured the same way:
 - measured speedup: median wall-clock of ``--repeats`` runs after one warm-up, vs no cache.
 - fidelity to the uncached latents (max abs and PSNR); quality comparisons wait for trained weights.
 
-Methods: stepcache FORA(2), FORA(3), ToCa (if ``stepcache.policies.toca`` exists); diffusers
+Methods: stepcache FORA(2), FORA(3), ToCa's PixArt variant (entropy and kv-norm scores); diffusers
 FirstBlockCache, TaylorSeer and PyramidAttentionBroadcast applied with their ``apply_*`` functions
 (``PixArtTransformer2DModel`` has no ``enable_cache``); cache-dit DBCache (``pip install cache-dit
 --no-deps``) when importable. A method that cannot run is recorded with the reason.
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import stepcache  # noqa: E402
-from stepcache import FORA  # noqa: E402
+from stepcache import FORA, ToCa  # noqa: E402
 from stepcache.adapters.diffusers_common import linear_macs  # noqa: E402
 from stepcache.adapters.pixart import PixArtAdapter  # noqa: E402
 from helpers import randomize  # noqa: E402
@@ -164,15 +164,9 @@ def methods(pipe):
 
     out = {"none": lambda: ((lambda: None), None, None),
            "stepcache FORA(2)": stepcache_method(FORA(2)), "stepcache FORA(3)": stepcache_method(FORA(3))}
-    try:
-        from stepcache.policies.toca import ToCa
-
-        out["stepcache ToCa(N=3, R=0.3, kv-norm)"] = stepcache_method(
-            ToCa(interval=3, fresh_ratio=0.3, schedule="constant", score="kv-norm"))
-        out["stepcache ToCa(N=3, R=0.3, attention)"] = stepcache_method(
-            ToCa(interval=3, fresh_ratio=0.3, schedule="constant", score="attention"))
-    except ImportError as e:
-        out["stepcache ToCa"] = f"unavailable: {e}"
+    # ToCa's PixArt variant with the reference's settings (cross-attention entropy, R 0.30, ToCa-pixart)
+    out["stepcache ToCa(N=3, PixArt, entropy)"] = stepcache_method(ToCa(interval=3))
+    out["stepcache ToCa(N=3, PixArt, kv-norm)"] = stepcache_method(ToCa(interval=3, score="kv-norm"))
     out["diffusers FirstBlockCache(0.05)"] = diffusers_method(
         apply_first_block_cache, FirstBlockCacheConfig(threshold=0.05), ["fbc_leader_block_hook", "fbc_block_hook"])
     out["diffusers TaylorSeer(interval 3, order 1)"] = diffusers_method(

@@ -373,8 +373,9 @@ def _cross_site(original, module, site, layer, handle, geom, extra):
         def on(index):  # only the queries ``index`` (B, k)
             return _call_with(original, call, "hidden_states", gather_tokens(x, index))
 
-        def on_with_map(index):  # the same, with the head-mean softmax map of those queries (B, k, L)
-            return on(index), attention_map(module, gather_tokens(x, index), ctx, mask)
+        def on_with_map(index):  # the same, with the head-mean softmax map of those queries (B, k, L);
+            # one explicit-softmax pass (a partial step is approximate anyway; full steps stay exact)
+            return attention_with_map(module, gather_tokens(x, index), ctx, mask)
 
         full = lambda: original(*args, **kwargs)  # noqa: E731
         kw = {"x": x} if "x" in extra else {}
