@@ -145,8 +145,23 @@ def value_norms(attn, x: torch.Tensor) -> torch.Tensor:
     return torch.norm(v.view(x.shape[0], x.shape[1], attn.heads, -1), dim=-1, p=2).transpose(1, 2)
 
 
+_SIGNATURES: dict = {}  # function -> inspect.Signature of its bound method (the hot path binds per call)
+
+
+def _signature(forward) -> inspect.Signature:
+    """``inspect.signature(forward)``, memoised per underlying function for bound methods (building a
+    Signature costs tens of microseconds, as much as a small block's elementwise work)."""
+    func = getattr(forward, "__func__", None)
+    if func is None:  # a plain function (e.g. an earlier instance patch): not memoised
+        return inspect.signature(forward)
+    sig = _SIGNATURES.get(func)
+    if sig is None:
+        sig = _SIGNATURES[func] = inspect.signature(forward)
+    return sig
+
+
 def _call_args(forward, args, kwargs) -> inspect.BoundArguments:
-    return inspect.signature(forward).bind_partial(*args, **kwargs)
+    return _signature(forward).bind_partial(*args, **kwargs)
 
 
 def _call_with(original, bound: inspect.BoundArguments, name: str, value):
@@ -352,12 +367,13 @@ def _self_site(original, module, site, layer, handle, geom, extra):
     macs = _attention_macs(module, geom, True, lambda: geom.num_tokens)
 
     def forward(hidden_states, *args, **kwargs):  # (B, T, D)
-        call = _call_args(original, (hidden_states,) + args, kwargs)
-        mask = call.arguments.get("attention_mask")
+        def with_map():  # binds the call only when a map is asked for (not on the Compute/Reuse hot path)
+            mask = _call_args(original, (hidden_states,) + args, kwargs).arguments.get("attention_mask")
+            return attention_with_map(module, hidden_states, None, mask)
+
         full = lambda: original(hidden_states, *args, **kwargs)  # noqa: E731
         kw = {"with_values": lambda: (full(), value_norms(module, hidden_states))} if "with_values" in extra else {}
-        return handle.branch(layer, site.branch, full=full, macs=macs,
-                             with_map=lambda: attention_with_map(module, hidden_states, None, mask), **kw)
+        return handle.branch(layer, site.branch, full=full, macs=macs, with_map=with_map, **kw)
 
     return forward
 
