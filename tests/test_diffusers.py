@@ -451,7 +451,8 @@ def _bonus_4x4(score, side, ratio=0.4):
     return out
 
 
-def test_toca_pixart_variant_follows_the_reference_rules():
+@pytest.mark.parametrize("rows,S,N,full_p", [((0, 1), 8, 2, {0, 2, 4, 6}), ((0,), 10, 3, {0, 6, 9})])
+def test_toca_pixart_variant_follows_the_reference_rules(rows, S, N, full_p):
     """Replays a run against an independent transcription of the reference's PixArt cache logic:
     full/partial blocks (steps counting up, interval round(N / (0.8 + 0.4 p/S))), per-module k,
     the cross-attention-entropy score of the averaged CFG halves with staleness and the 4x4 bonus,
@@ -460,7 +461,7 @@ def test_toca_pixart_variant_follows_the_reference_rules():
 
     pipe = build_pixart()
     pipe.set_progress_bar_config(disable=True)
-    S, side, N, R = 8, 8, 2, 0.3
+    side, R = 8, 0.3
     events = []
     with stepcache.apply(pipe, ToCa(interval=N)) as handle:
         handler = handle.handler
@@ -478,7 +479,6 @@ def test_toca_pixart_variant_follows_the_reference_rules():
                 events.append(("map", layer, branch, attn_map.clone(), index))
 
         handler.decide, handler.observe = record_decide, record_observe
-        rows = (0, 1)
         pe, ne = _embeds(rows, 6, 32, 0)[0], _embeds(rows, 6, 32, 50)[0]
         mask = torch.ones(len(rows), 6)
         mask[:, 4:] = 0
@@ -509,22 +509,22 @@ def test_toca_pixart_variant_follows_the_reference_rules():
             continue
         if (p, layer) in full_blocks:
             assert action.kind == "compute" and action.need_map is (branch == "cross")
-            counters[(layer, branch)] = torch.zeros(4, T, dtype=torch.int32)
+            counters[(layer, branch)] = torch.zeros(2 * len(rows), T, dtype=torch.int32)
             continue
         assert action.kind == "partial" and action.need_map is (branch == "cross")
         k = int(torch.clamp(torch.tensor(_pixart_ratio(R, p, S, layer, depth, branch)), 0, 1) * T)
-        half_map = 0.5 * maps[layer][:2] + 0.5 * maps[layer][2:]
+        half_map = 0.5 * maps[layer][:len(rows)] + 0.5 * maps[layer][len(rows):]
         entropy = -torch.sum(half_map * torch.log(half_map + 1e-7), dim=-1)
         score = torch.nn.functional.normalize(1 + entropy, dim=1).repeat(2, 1)
         score = score + 0.25 * (counters[(layer, branch)].float() / N)
         score = _bonus_4x4(score, side)
         expected = score.argsort(dim=-1, descending=True)[:, :k]
         assert torch.equal(action.index, expected), (p, layer, branch)
-        assert torch.equal(action.index[:2], action.index[2:])  # the same tokens for both CFG halves
+        assert torch.equal(action.index[:len(rows)], action.index[len(rows):])  # same tokens, both CFG halves
         counters[(layer, branch)] += 1
         counters[(layer, branch)].scatter_(1, expected, 0)
         partial_k.add((branch, k))
-    assert {p for p, _ in full_blocks} == {0, 2, 4, 6} and (1, 0) not in full_blocks
+    assert {p for p, layer in full_blocks if layer == 1} == full_p and (1, 0) not in full_blocks
     assert {k for b, k in partial_k if b == "cross"} and max(k for b, k in partial_k if b == "mlp") > max(
         k for b, k in partial_k if b == "cross")
 

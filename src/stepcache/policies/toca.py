@@ -27,8 +27,9 @@ their own top-k tokens. Steps count UP (``p = S - 1 - i``): a block is full iff 
 The ``attention`` score is s2: the cross-attention maps of the two CFG halves are averaged, the
 entropy over the text tokens ``-sum p log(p + 1e-7)`` is L2-normalised as ``1 + H``, and the SAME
 tokens are chosen for both halves; then staleness (a counter per module) and a 4x4-cell bonus of
-0.4. The cross map is refreshed at full steps and, row by row, for the tokens a partial
-cross-attention recomputes (so the MLP right after scores with the updated map). Defaults under
+0.4. The entropy is taken at full steps and refreshed, token by token, for the tokens a partial
+cross-attention recomputes (so the MLP right after scores with the updated rows; per-token entropy
+of the averaged map equals what averaging the scattered maps would give, and no map is kept). Defaults under
 this variant: fresh_ratio 0.30, schedule ``ToCa-pixart``, bonus 0.4 on 4x4 cells.
 
 Other diffusers models (docs/diffusers.md): branches other than attn/mlp/cross are Compute/Reuse by
@@ -69,7 +70,7 @@ PIXART_SCORES = ("attention", "random", "similarity", "norm", "kv-norm", "straig
 NO_MAP_FAMILIES = ("diffusers.SD3Transformer2DModel", "diffusers.FluxTransformer2DModel")
 PARTIAL_BRANCHES = ("attn", "mlp", "cross")  # any other branch: Compute on full layers, else Reuse
 _CALL_STATE = ("interval", "block_flags", "step_seen", "step_flag", "counters", "saved", "x", "cached",
-               "cross_index", "cross_maps")
+               "cross_index", "entropy")
 COMPUTE_WITH_VALUES = Compute(need_values=True)
 
 
@@ -268,7 +269,7 @@ class ToCaHandler(PolicyHandler):
         self.saved: dict[int, torch.Tensor] = {}  # (rows, T) score part from the last full step
         self.x = self.cached = None
         self.cross_index: dict[int, torch.Tensor] = {}  # variant dit on PixArt: tokens of "cross" reused by "mlp"
-        self.cross_maps: dict[int, torch.Tensor] = {}  # variant pixart: head-mean cross-attention map (B, T, L)
+        self.entropy: dict[int, torch.Tensor] = {}  # variant pixart: cross-attention entropy (rows or CFG pairs, T)
 
     def _activate(self, call: int) -> None:
         """Swap in the per-run state of model call ``call``, so two calls per step never mix."""
@@ -352,11 +353,13 @@ class ToCaHandler(PolicyHandler):
     def observe(self, ctx, layer: int, branch: str, attn_map=None, values=None, index=None) -> None:
         self._activate(getattr(ctx, "call", 0))
         if self.pixart and branch == "cross" and attn_map is not None:
+            shared = self._shared_rows(attn_map.shape[0])
+            fresh = S.cross_entropy(attn_map, shared)  # (rows or pairs, T or k)
             if index is None:  # a full step: the whole map (B, T, L)
-                self.cross_maps[layer] = attn_map
-            else:  # the rows of the recomputed queries
-                m = self.cross_maps[layer]
-                m.scatter_(1, index.unsqueeze(-1).expand(-1, -1, m.shape[-1]), attn_map.to(m.dtype))
+                self.entropy[layer] = fresh
+            else:  # the rows of the recomputed queries (the same tokens in both CFG halves)
+                index = index[: fresh.shape[0]]
+                self.entropy[layer].scatter_(1, index, fresh.to(self.entropy[layer].dtype))
             return
         if branch != "attn":
             return
@@ -412,7 +415,7 @@ class ToCaHandler(PolicyHandler):
         name, rows, T = self.config.score, x.shape[0], x.shape[1]
         cfg_rows = bool(self.run is not None and self.run.cfg)
         if self.pixart and name == "attention":
-            return S.cross_entropy_score(self.cross_maps[layer], cfg_rows)
+            return S.entropy_score(self.entropy[layer], self._shared_rows(rows))
         if name in ("attention", "kv-norm"):
             return self.saved[layer]
         if name == "random":

@@ -15,8 +15,9 @@ it selects are the same bit for bit:
 - ``random``: uniform, the same for the cond and uncond halves under CFG.
 - ``compress``: ``0.5 * random + 0.5 * column sums / their max``.
 - ``straight``: all ones (ties everywhere; argsort decides).
-- ``cross_entropy_score`` (s2, PixArt variant's ``attention``): L2-normalised ``1 + entropy`` of each
-  image token's cross-attention over the text tokens, the CFG halves' maps averaged first.
+- ``entropy_score`` (s2, PixArt variant's ``attention``): L2-normalised ``1 + entropy`` of each
+  image token's cross-attention over the text tokens (:func:`cross_entropy`), the CFG halves'
+  maps averaged first.
 
 Then s3 (staleness) and s4 (the spatial-uniformity bonus) are added: :func:`with_staleness`,
 :func:`spatial_bonus`.
@@ -43,14 +44,19 @@ def attention_over_max(attn_map: torch.Tensor) -> torch.Tensor:
     return received / received.max(dim=1, keepdim=True)[0]
 
 
-def cross_entropy_score(cross_map: torch.Tensor, cfg: bool) -> torch.Tensor:
-    """s2: head-mean cross-attention map (B, T, L) -> (B, T). Under CFG the two halves are averaged
-    (0.5 each) and the score repeated for both; entropy ``-sum p log(p + 1e-7)`` over L."""
+def cross_entropy(cross_map: torch.Tensor, cfg: bool) -> torch.Tensor:
+    """Entropy over the text tokens of head-mean cross-attention maps (B, T, L) -> (B, T), or under
+    CFG of the two halves' average (0.5 each) -> (B/2, T): ``-sum p log(p + 1e-7)``. Rows are
+    independent, so the entropy of some tokens' rows can be refreshed alone (partial steps)."""
     m = cross_map
     if cfg:
         first, second = torch.split(m, m.shape[0] // 2, dim=0)
         m = 0.5 * first + (1 - 0.5) * second
-    entropy = -torch.sum(m * torch.log(m + 1e-7), dim=-1)
+    return -torch.sum(m * torch.log(m + 1e-7), dim=-1)
+
+
+def entropy_score(entropy: torch.Tensor, cfg: bool) -> torch.Tensor:
+    """s2 from :func:`cross_entropy` (rows, T): ``l2_normalize(1 + H)``, repeated for both CFG halves."""
     score = F.normalize(1 + entropy, dim=1, p=2)
     return score.repeat(2, 1) if cfg else score
 
