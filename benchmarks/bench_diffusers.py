@@ -10,7 +10,9 @@ passed directly. Every method is measured the same way:
   tokens each processes; work = tokens x MACs per token (attention: + 2 T d per query). The
   fraction is executed / uncached block work over the whole run.
 - ideal speedup: (block + fixed work) uncached / executed, fixed = embeddings, adaLN, final layer.
-- measured speedup: median wall-clock of ``--repeats`` runs after one warm-up, vs no cache.
+- measured speedup: median wall-clock of ``--repeats`` rounds vs no cache; in every round each method
+  is installed, timed on one pipeline call and removed in turn (after a first pass that warmed up
+  and measured every method), so a drift of the machine's speed hits all methods alike.
 - fidelity to the uncached latents (max abs and PSNR); quality comparisons wait for trained weights.
 
 Methods: stepcache FORA(2), FORA(3), ToCa's PixArt variant (entropy and kv-norm scores); diffusers
@@ -201,7 +203,8 @@ def cache_dit_method(pipe):
 
 
 # ------------------------------------------------------------------------------ measurement
-def run_method(name, install, pipe, inputs, meter, args, base):
+def first_pass(install, pipe, inputs, meter, base):
+    """Install, warm up, measure block work and the output of one call, remove."""
     remove, handle, reset = install()
     reset = reset or (lambda: None)
     try:
@@ -211,16 +214,10 @@ def run_method(name, install, pipe, inputs, meter, args, base):
         reset()
         out = pipe(**inputs).images
         work = meter.work
-        times = []
-        for _ in range(args.repeats):
-            reset()
-            t0 = time.perf_counter()
-            pipe(**inputs)
-            times.append(time.perf_counter() - t0)
         stats = handle.stats().as_dict() if handle is not None else None
     finally:
         remove()
-    rec = {"median_s": statistics.median(times), "times_s": times, "block_work": work}
+    rec = {"block_work": work, "times_s": []}
     if base is not None:
         err = (out - base).double()
         mse = float(err.pow(2).mean())
@@ -230,6 +227,18 @@ def run_method(name, install, pipe, inputs, meter, args, base):
     if stats is not None:
         rec["stepcache_ideal_speedup"] = stats["ideal_speedup"]
     return rec, out
+
+
+def timed_call(install, pipe, inputs) -> float:
+    """Install, time one pipeline call, remove."""
+    remove, _, reset = install()
+    try:
+        (reset or (lambda: None))()
+        t0 = time.perf_counter()
+        pipe(**inputs)
+        return time.perf_counter() - t0
+    finally:
+        remove()
 
 
 def main() -> None:
@@ -244,25 +253,37 @@ def main() -> None:
     tokens = (args.latent // 2) ** 2
     meter = WorkMeter(pipe.transformer, tokens, args.text_len)
     fixed = 2 * args.steps * (meter.fixed_per[0] * tokens + meter.fixed_per[1] * args.text_len + meter.fixed_per[2])
-    results, base = {}, None
-    for name, install in methods(pipe).items():
+    results, base, ok = {}, None, {}
+    for name, install in methods(pipe).items():  # work and fidelity, one method after the other
         if isinstance(install, str):
             results[name] = {"skipped": install}
             print(f"{name:42s} skipped: {install}", flush=True)
             continue
         try:
-            rec, out = run_method(name, install, pipe, inputs, meter, args, base)
+            rec, out = first_pass(install, pipe, inputs, meter, base)
         except Exception as e:  # noqa: BLE001 - one failing competitor must not lose the others' numbers
             results[name] = {"skipped": f"{type(e).__name__}: {e}"}
             print(f"{name:42s} failed: {type(e).__name__}: {e}", flush=True)
             continue
         if base is None:
-            base, ref = out, rec
+            base = out
+        results[name], ok[name] = rec, install
+        print(f"{name:42s} work measured", flush=True)
+    # timing: the methods take turns in every round, so a drift of the machine's speed hits all alike
+    for r in range(args.repeats):
+        for name, install in ok.items():
+            results[name]["times_s"].append(timed_call(install, pipe, inputs))
+        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n.split(' ', 1)[-1]} {results[n]['times_s'][-1]:.2f}s"
+                                                          for n in ok), flush=True)
+    ref = results["none"]
+    ref["median_s"] = statistics.median(ref["times_s"])
+    for name in ok:
+        rec = results[name]
+        rec["median_s"] = statistics.median(rec["times_s"])
         rec["block_work_fraction"] = rec["block_work"] / ref["block_work"]
         rec["ideal_speedup"] = (ref["block_work"] + fixed) / (rec["block_work"] + fixed)
         rec["measured_speedup"] = ref["median_s"] / rec["median_s"]
         rec["measured_over_ideal"] = rec["measured_speedup"] / rec["ideal_speedup"]
-        results[name] = rec
         print(f"{name:42s} work {rec['block_work_fraction']:.3f}  ideal {rec['ideal_speedup']:.2f}x  "
               f"measured {rec['measured_speedup']:.2f}x  ratio {rec['measured_over_ideal']:.2f}  "
               f"{rec['median_s']:.2f}s  max|diff| {rec.get('max_abs_diff', 0):.2e}", flush=True)
