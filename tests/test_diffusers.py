@@ -601,3 +601,27 @@ def test_sd3_skip_layer_guidance_call_runs_uncached():
         stats = handle.stats()
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     assert stats.full_steps() == [3, 2, 0] and stats.macs_executed < stats.macs_uncached
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "sd3"])
+def test_norms_feeding_a_reused_branch_are_skipped_without_changing_the_output(name, monkeypatch):
+    """A LayerNorm whose output only feeds a reused site returns one token instead of all; the block's
+    modulation broadcasts it and the reused site never reads it: outputs are bit-identical."""
+    from stepcache.adapters.diffusers_common import DiffusersAdapter
+
+    build, run = FAMILIES[name]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    norms = {"dit": "norm3", "pixart": "norm2", "sd3": "norm2"}[name]
+    widths = []
+    hook = getattr(pipe.transformer.transformer_blocks[0], norms).register_forward_hook(
+        lambda _m, _i, out: widths.append(out.shape[1]))
+    with stepcache.apply(pipe, FORA(2)):
+        fast = run(pipe)
+    skipped, widths[:] = list(widths), []
+    monkeypatch.setattr(DiffusersAdapter, "skip_unused_norms", False)
+    with stepcache.apply(pipe, FORA(2)):
+        slow = run(pipe)
+    hook.remove()
+    assert torch.equal(fast, slow)
+    assert 1 in skipped and 1 not in widths  # the reuse step (i = 1) skipped the norm

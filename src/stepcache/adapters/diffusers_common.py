@@ -46,11 +46,17 @@ def diffusers_available() -> bool:
 
 @dataclass(frozen=True)
 class Site:
-    """One cacheable branch of a block: policy-facing ``branch`` name, block attribute ``module``, ``kind``."""
+    """One cacheable branch of a block: policy-facing ``branch`` name, block attribute ``module``, ``kind``.
+
+    ``norm``: a block attribute (a plain LayerNorm) whose output feeds only this site, in the block's
+    own code (then modulated elementwise). When the policy reuses the site, that norm is skipped: it
+    returns one token, which the modulation broadcasts and the reused site never reads.
+    """
 
     branch: str
     module: str
     kind: str
+    norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,7 @@ class DiffusersAdapter(Adapter):
     cfg_layout: str = "uncond_first"  # or "cond_first" (DiTPipeline), "separate_calls" (FLUX true CFG)
     image_modules: tuple[str, ...] = ()  # non-block modules run on every image token (for MACs)
     text_modules: tuple[str, ...] = ()  # non-block modules run on every text token (for MACs)
+    skip_unused_norms: bool = True  # skip a Site.norm when its site is reused (outputs unchanged)
 
     # ------------------------------------------------------------------ declaration helpers
     def matches(self, model) -> bool:
@@ -227,6 +234,9 @@ class DiffusersAdapter(Adapter):
             patches.append(AttrPatch(model, "enable_cache", _refuse_enable_cache))
         extra = _branch_extras(handle)
         for layer, (block, group) in enumerate(self.blocks(model)):
+            if getattr(block, "_chunk_size", None) is not None:
+                raise ConfigError(f"{type(model).__name__} has feed-forward chunking enabled; stepcache caches whole "
+                                  "branch outputs: call set_chunk_feed_forward(None) (or disable_forward_chunking()).")
             for site in group.sites:
                 module = getattr(block, site.module, None)
                 if module is None:  # e.g. SD3's last block has no text MLP
@@ -234,6 +244,9 @@ class DiffusersAdapter(Adapter):
                 make = SITE_KINDS[site.kind]
                 patches.append(ForwardPatch(module, lambda orig, m=module, s=site, l=layer:
                                             make(orig, m, s, l, handle, geom, extra)))
+                norm = getattr(block, site.norm, None) if site.norm and self.skip_unused_norms else None
+                if isinstance(norm, nn.LayerNorm) and hasattr(handle, "peek"):
+                    patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer: _skippable_norm(orig, s, l, handle)))
         return patches
 
     def _model_forward(self, model, original, handle, geom: Geometry):
@@ -320,6 +333,20 @@ def _refuse_enable_cache(*args, **kwargs):
 def _branch_extras(handle) -> set:
     """Optional keyword arguments this runtime's ``branch`` accepts (``x``, ``with_values``)."""
     return set(inspect.signature(handle.branch).parameters) & {"x", "with_values", "tokens_with_map"}
+
+
+def _skippable_norm(original, site, layer, handle):
+    """A norm that feeds only ``site``: when the policy will reuse the site (decided ahead through
+    ``handle.peek``), return one token instead of normalising all of them; the block's elementwise
+    modulation broadcasts it and the reused site ignores its input, so the block output is unchanged."""
+
+    def forward(x, *args, **kwargs):  # (B, T, D)
+        action = handle.peek(layer, site.branch)
+        if action is not None and action.kind == "reuse":
+            return x[:, :1]
+        return original(x, *args, **kwargs)
+
+    return forward
 
 
 # ---------------------------------------------------------------------------------- site kinds

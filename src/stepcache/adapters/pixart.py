@@ -19,8 +19,9 @@ from stepcache.adapters.diffusers_common import BlockGroup, DiffusersAdapter, Si
 class PixArtAdapter(DiffusersAdapter):
     family = "diffusers.PixArtTransformer2DModel"
     class_names = ("PixArtTransformer2DModel",)
-    groups = (BlockGroup("transformer_blocks", (Site("attn", "attn1", "self"), Site("cross", "attn2", "cross"),
-                                                Site("mlp", "ff", "token"))),)
+    groups = (BlockGroup("transformer_blocks", (Site("attn", "attn1", "self", norm="norm1"),
+                                                Site("cross", "attn2", "cross"),
+                                                Site("mlp", "ff", "token", norm="norm2"))),)
     cfg_layout = "uncond_first"
     image_modules = ("pos_embed", "proj_out")
     text_modules = ("caption_projection",)

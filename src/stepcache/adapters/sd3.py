@@ -29,8 +29,8 @@ class SD3Adapter(DiffusersAdapter):
     family = "diffusers.SD3Transformer2DModel"
     class_names = ("SD3Transformer2DModel",)
     groups = (BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("attn2", "attn2", "self"),
-                                                Site("mlp", "ff", "token"),
-                                                Site("context_mlp", "ff_context", "text"))),)
+                                                Site("mlp", "ff", "token", norm="norm2"),
+                                                Site("context_mlp", "ff_context", "text", norm="norm2_context"))),)
     cfg_layout = "uncond_first"
     image_modules = ("pos_embed", "proj_out")
     text_modules = ("context_embedder",)

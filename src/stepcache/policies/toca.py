@@ -234,6 +234,7 @@ class ToCaHandler(PolicyHandler):
     score inputs of the last full step (attention received or value norms, (rows, T))."""
 
     needs_tokens: ClassVar[bool] = True  # the runtime shows us the MLP input x (B, T, D) first
+    token_branches: ClassVar[tuple] = ("mlp", "cross")  # others ("attn", ...) may be decided ahead
 
     def __init__(self, config: ToCa, info: ModelInfo):
         variant = config.variant

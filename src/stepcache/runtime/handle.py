@@ -35,6 +35,7 @@ class CacheHandle:
         self._patches = []
         self._removed = False
         self._uncached = False  # inside a model call that runs without the policy
+        self._ahead: dict = {}  # actions decided ahead of their branch call (peek), this model call
 
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> "CacheHandle":
@@ -96,7 +97,22 @@ class CacheHandle:
             raise ClockError(f"The model was called with {rows} rows but the run was started for {self.run.batch}.")
         self._stats.nfe += 1
         self._stats.add_fixed(fixed_macs)
+        self._ahead.clear()
         return self.ctx
+
+    def peek(self, layer: int, name: str):
+        """The action for (layer, branch) at this call, decided ahead of the branch call (adapters use it
+        to skip work that only feeds a reused branch); the branch call then uses the same action. None
+        where the handler must see the branch input before it decides (``needs_tokens``, for the
+        branches in its ``token_branches``: ToCa's mlp and cross), or outside a cached call."""
+        handler = self.handler
+        if self._uncached or self.ctx is None or (
+                getattr(handler, "needs_tokens", False) and name in getattr(handler, "token_branches", (name,))):
+            return None
+        key = (layer, name)
+        if key not in self._ahead:
+            self._ahead[key] = self.handler.decide(self.ctx, layer, name)
+        return self._ahead[key]
 
     @contextlib.contextmanager
     def uncached(self, fixed_macs: int):
@@ -132,7 +148,9 @@ class CacheHandle:
         key = (layer, name)
         if x is not None and getattr(self.handler, "needs_tokens", False):
             self.handler.see_tokens(ctx, layer, name, x, self.store.get(key))
-        action = self.handler.decide(ctx, layer, name)
+        action = self._ahead.pop(key, None)
+        if action is None:
+            action = self.handler.decide(ctx, layer, name)
         T = self.info.num_tokens
         if action.kind == "compute":
             if action.need_map:
