@@ -4,7 +4,8 @@ A family file only declares *sites* (which sub-module of which block is a cachea
 what kind); this module routes every site through ``handle.branch`` by patching the sub-module's
 ``forward`` on the instance (diffusers ``hooks/hooks.py`` style), never editing diffusers source.
 The block's own ``forward`` still runs, so norms, modulation, gates and residuals are diffusers'
-code: a policy that computes everything is bit-identical to the plain model.
+code: a policy that computes everything is bit-identical to the plain model. The one shortcut: a
+LayerNorm declared as feeding only a site (``Site.norm``) is skipped when that site is reused.
 
 Kinds of site:
 - ``token``: a token-wise module (``FeedForward``, ``Linear``) on the image tokens; supports
