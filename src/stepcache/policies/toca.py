@@ -156,8 +156,7 @@ def next_interval(interval: int, fresh_ratio: float, i: int, num_steps: int) -> 
     """The refresh interval set at a full step i (reference op order: float32, reciprocal-multiply,
     torch.round half-even), and 2 inside the sensitive band int(0.2 S) <= i < int(0.4 S)."""
     w = 0.4 if fresh_ratio != 0 else 0.0
-    step_factor = torch.tensor(1 + w - 2 * w * i / num_steps)  # float32
-    value = int(torch.round(interval / step_factor))  # N / t is t.reciprocal() * N in torch
+    value = _rounded_interval(interval, 1 + w - 2 * w * i / num_steps)
     if fresh_ratio != 0 and int(0.2 * num_steps) <= i < int(0.4 * num_steps):
         value = 2
     return value
@@ -167,8 +166,13 @@ def next_interval_pixart(interval: int, fresh_ratio: float, p: int, num_steps: i
     """PixArt variant: the interval set at a full step p (counting up), reference op order:
     ``round_half_even(N / float32(1 - w + 2 w p / S))``, w = 0.2 (0 for fresh_ratio 0); no band."""
     w = 0.2 if fresh_ratio != 0 else 0.0
-    step_factor = torch.tensor(1 - w + 2 * w * p / num_steps)  # float32
-    return int(torch.round(interval / step_factor))
+    return _rounded_interval(interval, 1 - w + 2 * w * p / num_steps)
+
+
+def _rounded_interval(interval: int, step_factor: float) -> int:
+    """``round_half_even(N / float32(step_factor))`` in torch's float32 arithmetic (N / t is
+    ``t.reciprocal() * N``), as both reference implementations compute it."""
+    return int(torch.round(interval / torch.tensor(step_factor)))
 
 
 def pixart_ratio(cfg: ToCa, p: int, num_steps: int, layer: int, depth: int, branch: str) -> float:
@@ -215,7 +219,7 @@ def full_steps(cfg: ToCa, num_steps: int, depth: int = 28) -> tuple[list[int], l
     """(steps where every layer refreshes, mixed steps where only some do), both as the descending
     index i (the PixArt variant's step p is ``num_steps - 1 - i``)."""
     pixart = cfg.variant == "pixart"
-    g = VARIANT_DEFAULTS["pixart" if pixart else "dit"]["bonus_grid"] if cfg.bonus_grid is None else cfg.bonus_grid
+    g = cfg.resolved("pixart" if pixart else "dit").bonus_grid
     info = ModelInfo(depth=depth, num_tokens=g * g, grid=(g, g), branches=("attn", "cross", "mlp") if pixart
                      else ("attn", "mlp"), family=PIXART_FAMILY if pixart else "dit")
     handler = ToCaHandler(cfg, info)

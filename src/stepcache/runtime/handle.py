@@ -111,7 +111,7 @@ class CacheHandle:
             return None
         key = (layer, name)
         if key not in self._ahead:
-            self._ahead[key] = self.handler.decide(self.ctx, layer, name)
+            self._ahead[key] = handler.decide(self.ctx, layer, name)
         return self._ahead[key]
 
     @contextlib.contextmanager
@@ -137,8 +137,9 @@ class CacheHandle:
         ``full()`` computes it; ``with_map()`` returns (output, attention map); ``with_values()``
         returns (output, per-head value norms); ``tokens(index)`` computes it on the tokens ``index``
         (B, k) only; ``tokens_with_map(index)`` also returns the attention map of those queries
-        (B, k, L), handed to the handler with ``index``. ``macs(k)`` is the work for k tokens per row. ``x`` (B, T, D), the branch input,
-        is shown to handlers that score tokens from it (``needs_tokens``) before they decide.
+        (B, k, L), handed to the handler with ``index``. ``macs(k)`` is the work for k tokens per row.
+        ``x`` (B, T, D), the branch input, is shown to handlers that score tokens from it
+        (``needs_tokens``) before they decide.
         """
         ctx = self.ctx
         if self._uncached:
@@ -178,14 +179,14 @@ class CacheHandle:
             out = self._cached(key, ctx)
             index = action.index  # (B, k)
             k = index.shape[1]
-            if k and action.need_map:
-                if tokens_with_map is None:
-                    raise StepcacheError(f"branch {name!r} cannot produce an attention map for this policy.")
-                fresh, attn_map = tokens_with_map(index)  # (B, k, D), (B, k, L)
-                self.handler.observe(ctx, layer, name, attn_map=attn_map, index=index)
-            elif k:
-                fresh = tokens(index)  # (B, k, D)
             if k:
+                if action.need_map:
+                    if tokens_with_map is None:
+                        raise StepcacheError(f"branch {name!r} cannot produce an attention map for this policy.")
+                    fresh, attn_map = tokens_with_map(index)  # (B, k, D), (B, k, L)
+                    self.handler.observe(ctx, layer, name, attn_map=attn_map, index=index)
+                else:
+                    fresh = tokens(index)  # (B, k, D)
                 out.scatter_(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]), fresh)
         elif action.kind == "blend":
             fresh = full()
