@@ -157,7 +157,8 @@ def dump_fixture(ref_models, ref_diffusion, path: Path, cfg: float = 1.5) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ref-dir", type=Path, required=True, help="checkout of facebookresearch/DiT (models.py, diffusion/)")
+    ap.add_argument("--ref-dir", type=Path, required=True,
+                    help="checkout of facebookresearch/DiT (models.py, diffusion/)")
     ap.add_argument("--timm-dir", type=Path, default=None, help="folder with a timm package, if timm is not installed")
     ap.add_argument("--fora-dir", type=Path, default=None, help="FORA's src/ folder (optional)")
     ap.add_argument("--depth", type=int, default=28, help="blocks of the tiny model (FORA's loop needs 28)")

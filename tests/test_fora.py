@@ -114,7 +114,6 @@ def test_cond_and_uncond_rows_keep_their_own_features():
     model = tiny_dit()
     torch.manual_seed(0)
     z = torch.randn(1, 4, 8, 8)
-    y = torch.tensor([4])
     with stepcache.apply(model, FORA(3)) as handle:
         torch.manual_seed(1)
         handle.begin_run(4, 2, cfg=True)

@@ -247,7 +247,8 @@ class DiffusersAdapter(Adapter):
                                             make(orig, m, s, l, handle, geom, extra)))
                 norm = getattr(block, site.norm, None) if site.norm and self.skip_unused_norms else None
                 if isinstance(norm, nn.LayerNorm) and hasattr(handle, "peek"):
-                    patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer: _skippable_norm(orig, s, l, handle)))
+                    patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer:
+                                                _skippable_norm(orig, s, l, handle)))
         return patches
 
     def _model_forward(self, model, original, handle, geom: Geometry):

@@ -62,7 +62,8 @@ def run_demo(out_dir: Path, settings: RunSettings, specs=DEMO_SPECS, log=print, 
     loaded = load_model("embedded")
     noise, labels = make_inputs(loaded.model, settings.num_samples, settings.seed)
     policies = [build_policy("none", settings.num_steps, settings.sampler)]
-    policies += [build_policy(s, settings.num_steps, settings.sampler) for s in runnable_specs(specs, settings, True, log)]
+    policies += [build_policy(s, settings.num_steps, settings.sampler)
+                 for s in runnable_specs(specs, settings, True, log)]
     records, named, ref, base_time = [], [], None, None
     for k, policy in enumerate(policies):
         log(f"[{k + 1}/{len(policies)}] sampling {settings.num_samples} digits with {policy!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepcache.cli.common import positive_int
+from stepcache.cli.common import add_sampling_options, positive_int
 
 
 def add_parser(sub) -> None:
@@ -18,10 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_SPECS), metavar="SPEC",
                    help="policy specs method[:key=value,...]; the uncached baseline always runs")
     p.add_argument("--num-samples", type=positive_int, default=20, help="samples per run (labels k mod classes)")
-    p.add_argument("--num-sampling-steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=DEFAULT_SAMPLER, help="sampler")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG, help="guidance scale, 1 = off")
-    p.add_argument("--seed", type=int, default=0, help="seed of sample 0 (sample k uses seed + k)")
+    add_sampling_options(p, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, cfg=DEFAULT_CFG, item="sample")
     p.add_argument("--warmup", type=int, default=1, help="short warm-up runs before timing")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per config (median reported)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")

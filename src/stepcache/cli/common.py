@@ -30,6 +30,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_sampling_options(parser: argparse.ArgumentParser, *, steps: int, sampler: str, cfg: float,
+                         item: str) -> None:
+    """--num-sampling-steps, --sampler, --cfg-scale, --seed (of ``item`` 0; item k uses seed + k)."""
+    parser.add_argument("--num-sampling-steps", type=positive_int, default=steps, help="sampling steps")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=sampler, help="sampler")
+    parser.add_argument("--cfg-scale", type=float, default=cfg, help="guidance scale, 1 = off")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of {item} 0 ({item} k uses seed + k)")
+
+
+def check_guidance_and_interval(args) -> None:
+    """One sentence for a guidance scale below 1 or a cache interval below 1."""
+    if args.cfg_scale < 1:
+        raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
+    if args.cache in ("fora", "toca") and args.interval < 1:
+        raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
+
+
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("caching")
     g.add_argument("--cache", choices=METHODS, default="none", help="caching method (default: %(default)s)")
@@ -48,7 +65,8 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--staleness-weight", type=float, default=0.25,
                    help="ToCa weight of the cache-staleness score (default: %(default)s)")
     g.add_argument("--decision", default="reference", choices=("reference", "per-step"),
-                   help="ToCa: reference quirk (interval re-decided at layer 0) or once per step (default: %(default)s)")
+                   help="ToCa: reference quirk (interval re-decided at layer 0) or once per step "
+                        "(default: %(default)s)")
     g.add_argument("--router", default=None, help="L2C router file (reference .pt or stepcache .safetensors)")
     g.add_argument("--threshold", type=float, default=0.1, help="L2C router threshold (default: %(default)s)")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepcache.cli.common import positive_int
+from stepcache.cli.common import add_sampling_options, positive_int
 
 
 def add_parser(sub) -> None:
@@ -15,10 +15,7 @@ def add_parser(sub) -> None:
                        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out-dir", type=Path, default=Path("demo_out"), help="where the PNGs and tables go")
     p.add_argument("--num-samples", type=positive_int, default=20, help="digits per method (labels 0..9 in turn)")
-    p.add_argument("--num-sampling-steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=DEFAULT_SAMPLER, help="sampler")
-    p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG, help="guidance scale, 1 = off")
-    p.add_argument("--seed", type=int, default=0, help="seed of image 0 (image k uses seed + k)")
+    add_sampling_options(p, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, cfg=DEFAULT_CFG, item="image")
     p.add_argument("--repeats", type=positive_int, default=1, help="timed runs per method (median)")
     p.add_argument("--policies", nargs="+", default=None, metavar="SPEC",
                    help="policy specs, e.g. fora:interval=3 'toca:interval=3,fresh_ratio=0.1' l2c "

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from stepcache.cli.common import (add_cache_options, build_policy, decode_latents, environment, load_model,
-                                  positive_int, save_grid, to_uint8, write_json)
+from stepcache.cli.common import (add_cache_options, build_policy, check_guidance_and_interval, decode_latents,
+                                  environment, load_model, positive_int, save_grid, to_uint8, write_json)
 from stepcache.errors import ConfigError
 
 
@@ -41,10 +41,7 @@ def add_parser(sub) -> None:
 def _validate(args, model) -> None:
     if not 0 <= min(args.class_labels) <= max(args.class_labels) < model.num_classes:
         raise ConfigError(f"class labels must lie in 0..{model.num_classes - 1}, got {args.class_labels}.")
-    if args.cfg_scale < 1:
-        raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
-    if args.cache in ("fora", "toca") and args.interval < 1:
-        raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
+    check_guidance_and_interval(args)
 
 
 def _timed_sample(model, noise, labels, args, policy):

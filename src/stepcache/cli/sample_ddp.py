@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stepcache.cli.common import add_cache_options, build_policy, environment, positive_int
+from stepcache.cli.common import add_cache_options, build_policy, check_guidance_and_interval, environment, positive_int
 from stepcache.errors import CheckpointError, ConfigError
 
 
@@ -52,10 +52,7 @@ def _defaults(args) -> None:
     args.sampler = args.sampler or sampler
     args.num_sampling_steps = args.num_sampling_steps or steps
     args.cfg_scale = cfg if args.cfg_scale is None else args.cfg_scale
-    if args.cfg_scale < 1:
-        raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
-    if args.cache in ("fora", "toca") and args.interval < 1:
-        raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
+    check_guidance_and_interval(args)
 
 
 def _load(args):
