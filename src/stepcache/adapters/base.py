@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import torch
+
 from stepcache.errors import UnsupportedModelError
 from stepcache.policies.base import ModelInfo
 
 _ADAPTERS: list = []
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), index (B, k) -> (B, k, D): the rows of the tokens a partial step recomputes."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class Adapter:

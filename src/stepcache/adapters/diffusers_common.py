@@ -33,13 +33,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from stepcache.adapters.base import Adapter
+from stepcache.adapters.base import Adapter, gather_tokens
 from stepcache.errors import ClockError, ConfigError
 from stepcache.policies.base import ModelInfo
-from stepcache.runtime.hooks import ForwardPatch
-
-_MISSING = object()
-
+from stepcache.runtime.hooks import AttrPatch, ForwardPatch
 
 def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
@@ -73,26 +70,6 @@ class Geometry:
 
     def __init__(self, num_tokens: int, grid: tuple[int, int]):
         self.num_tokens, self.grid, self.text_len = num_tokens, grid, 0
-
-
-class AttrPatch:
-    """Set an attribute on one instance; ``restore()`` puts back exactly what its ``__dict__`` held."""
-
-    def __init__(self, obj, name: str, value):
-        self.obj, self.name = obj, name
-        self.previous = obj.__dict__.get(name, _MISSING)
-        setattr(obj, name, value)
-
-    def restore(self) -> None:
-        if self.previous is _MISSING:
-            self.obj.__dict__.pop(self.name, None)
-        else:
-            setattr(self.obj, self.name, self.previous)
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D), index (B, k) -> (B, k, D)."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def linear_macs(module: nn.Module) -> int:

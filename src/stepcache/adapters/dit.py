@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import torch
-
-from stepcache.adapters.base import Adapter, register_adapter
+from stepcache.adapters.base import Adapter, gather_tokens, register_adapter
 from stepcache.models.dit import DiT, DiTBlock, modulate
 from stepcache.policies.base import ModelInfo
 from stepcache.runtime.hooks import ForwardPatch
-
-
-def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, T, D), index (B, k) -> (B, k, D)."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def dit_macs(model: DiT) -> dict:

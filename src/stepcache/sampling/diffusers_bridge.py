@@ -35,6 +35,7 @@ import torch
 
 from stepcache.errors import ClockError, ConfigError
 from stepcache.runtime.context import StepContext
+from stepcache.runtime.hooks import AttrPatch
 
 _CLASS_CACHE: dict[type, type] = {}
 _ATTR = "_stepcache_clock"
@@ -77,15 +78,11 @@ class PipelineClock:
             self.calls_in_step = 0
             return out
 
-        previous = scheduler.__dict__.get("step", _MISSING)
-        scheduler.step = step
+        patch = AttrPatch(scheduler, "step", step)
         try:
             yield
         finally:
-            if previous is _MISSING:
-                scheduler.__dict__.pop("step", None)
-            else:
-                scheduler.step = previous
+            patch.restore()
             self.stores = {}
             self.handle.end_run()
             self.active = False
@@ -126,9 +123,6 @@ class PipelineClock:
             self.handle.run = replace(self.handle.run, uncond_first=True)
             self.handle.handler.reset(self.handle.run)
         self.started = True
-
-
-_MISSING = object()
 
 
 def _guidance_on(pipe_cls: type, args, kwargs) -> bool:
