@@ -1,6 +1,8 @@
 """ADM metrics on closed-form cases and against independent numpy/scipy/sklearn formulas; npz pipeline; eval CLI."""
 
 import json
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -168,7 +170,7 @@ def test_eval_cli_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     (["--features", "inception", "--inception", "/nonexistent/dir/inception.pt"], "Inception weights"),
 ])
 def test_eval_cli_errors_are_one_sentence(tmp_path, capsys, monkeypatch, argv, needle):
-    monkeypatch.setattr(features, "_download", _offline)
+    monkeypatch.setattr(urllib.request, "urlopen", _offline)
     np.savez(tmp_path / "s.npz", arr_0=_images(9))
     base = {"--samples": str(tmp_path / "s.npz"), "--ref": str(tmp_path / "s.npz"), "--features": "digits"}
     for flag, value in zip(argv[::2], argv[1::2]):
@@ -178,8 +180,8 @@ def test_eval_cli_errors_are_one_sentence(tmp_path, capsys, monkeypatch, argv, n
     assert code == 2 and len(err) == 1 and needle in err[0]
 
 
-def _offline(url, path, timeout=10.0):
-    raise OSError("network unreachable (test)")
+def _offline(url, timeout=None):
+    raise urllib.error.URLError("network unreachable (test)")
 
 
 def test_digit_features_offline_path_real_digits_score_perfectly(tmp_path):

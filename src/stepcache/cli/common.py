@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from stepcache.bench.records import environment  # noqa: F401 - one description of the machine for every record
 from stepcache.errors import CheckpointError, ConfigError
 from stepcache.policies.toca import SCHEDULES
 from stepcache.policies.toca_scores import SCORES
@@ -175,17 +175,6 @@ def atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, record: dict) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, default=str).encode()))
-
-
-def environment() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def decode_latents(latents: torch.Tensor, vae: str):

@@ -24,7 +24,6 @@ It has no spatial features, so sFID is reported as ``None``.
 from __future__ import annotations
 
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from stepcache.errors import CheckpointError, ConfigError
+from stepcache.models.checkpoints import fetch
 
 __all__ = ["ImageFeatures", "InceptionFeatures", "DigitFeatures", "extract_features", "load_extractor",
            "INCEPTION_URL", "default_inception_path"]
@@ -63,19 +63,6 @@ def default_inception_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepcache" / INCEPTION_FILE
 
 
-def _download(url: str, path: Path, timeout: float = 10.0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def tf_bilinear_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
     """(N, 3, H, W) float in [0, 255] -> (N, 3, size, size) in [-1, 1) like the TF graph's input stage.
 
@@ -101,11 +88,11 @@ class InceptionFeatures:
             if not download:
                 raise CheckpointError(f"The FID Inception weights {path} do not exist.")
             try:
-                _download(INCEPTION_URL, path)
-            except OSError as exc:
+                fetch(INCEPTION_URL, path, timeout=10.0)  # atomic: nothing half-written is left behind
+            except CheckpointError:
                 raise CheckpointError(
-                    f"The FID Inception weights are not at {path} and could not be downloaded from {INCEPTION_URL} "
-                    f"({type(exc).__name__}); download that file and pass its path with --inception.") from None
+                    f"The FID Inception weights are not at {path} and could not be downloaded from {INCEPTION_URL}; "
+                    "download that file and pass its path with --inception.") from None
         try:
             self.net = torch.jit.load(str(path), map_location=device).eval()
         except Exception as exc:

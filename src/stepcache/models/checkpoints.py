@@ -42,13 +42,13 @@ def cache_dir(download_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("STEPCACHE_HOME") or Path.home() / ".cache" / "stepcache")
 
 
-def fetch(url: str, dest: Path, verify=None, chunk: int = 1 << 20) -> Path:
+def fetch(url: str, dest: Path, verify=None, chunk: int = 1 << 20, timeout: float = 60.0) -> Path:
     """Download ``url`` to ``dest`` atomically: a temporary file in the same folder, checked by
     ``verify(tmp_path)`` and renamed only when complete and valid; nothing half-written is left behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             while block := response.read(chunk):
                 out.write(block)
         if verify is not None:
