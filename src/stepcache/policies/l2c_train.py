@@ -19,7 +19,6 @@ With ``ste_threshold`` the forward uses ``b > theta`` and the backward the soft 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy
 from stepcache.policies.l2c import active_units, is_cache_step, load_router, save_router, unit_index
 from stepcache.runtime.actions import COMPUTE, Blend
 from stepcache.runtime.context import StepContext
+from stepcache.sampling.ddp import init_distributed
 
 
 # ---------------------------------------------------------------------------------------- router
@@ -196,25 +196,6 @@ def _draw(data, cfg: RouterTrainConfig, local_batch: int, g: torch.Generator, de
 
 
 # ---------------------------------------------------------------------------------------- distributed
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world, device); starts torch.distributed under torchrun (gloo on CPU, NCCL on GPU)."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    if torch.cuda.is_available() and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return rank, world, device
-
-
 def _sync_grads(router: RouterLogits, world: int) -> None:
     """Average router gradients over processes, like DDP; a step no process used keeps grad None."""
     if world == 1:
