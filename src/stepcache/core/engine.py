@@ -86,6 +86,7 @@ class CacheHandle:
         self._ahead: dict = {}  # actions decided ahead of their branch call (peek), this model call
         self._open: tuple | None = None  # (site, input) of the span being computed
         self._skip_to: int | None = None  # blocks below this index pass through (a reused span)
+        self._skip_kind = "reuse"
 
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> "CacheHandle":
@@ -222,7 +223,7 @@ class CacheHandle:
             return run()
         if self._skip_to is not None:
             if layer < self._skip_to:  # inside a reused span: the start block already added its residual
-                self._skipped(layer, rows, sites, fixed)
+                self._skipped(layer, rows, sites, fixed, self._skip_kind)
                 return passthrough(x)
             self._skip_to = None
         end = self._spans.get(layer)
@@ -235,7 +236,7 @@ class CacheHandle:
                     self._stats.add_policy(action.macs)
                 kind = "reuse" if action.kind == "reuse" else "forecast"
                 self._skipped(layer, rows, sites, fixed, kind)
-                self._skip_to = end
+                self._skip_to, self._skip_kind = end, kind
                 if end == layer + 1:
                     self._skip_to = None
                 return passthrough(x + residual)
