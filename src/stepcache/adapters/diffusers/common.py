@@ -263,7 +263,7 @@ class DiffusersAdapter(Adapter):
             if clock is None and handle.ctx is None and adopt_from_stack(model, handle):
                 clock = handle.clock
                 set_geometry(handle, T, grid, new_run=True)
-            if clock is not None:
+            if clock is not None and (clock.active or handle.ctx is None):  # else driven by hand (begin_run/set_step)
                 clock.on_model_call(rows, call.arguments.get("timestep"), self)
             fixed = fixed_per_token[0] * T + fixed_per_token[1] * L + fixed_per_token[2]
             if self.uncached_call(call):
