@@ -14,7 +14,7 @@ from stepcache.policies.l2c import L2C
 from stepcache.policies.toca import ToCa
 from stepcache.sampling.sample import sample
 
-__version__ = "0.1.0"
+from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
     "DiT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from stepcache.models.dit import parse_preset
     from stepcache.policies.l2c import load_router
-    from stepcache.policies.l2c_report import format_table, heatmap, model_for_macs, router_report
+    from stepcache.training.l2c_report import format_table, heatmap, model_for_macs, router_report
 
     logits, meta = load_router(require_file(args.router, "router file"))
     threshold = args.threshold if args.threshold is not None else float(meta.get("threshold", 0.1))
