@@ -220,3 +220,30 @@ def test_dbcache_forecast_round_trips_and_forecasts_linear_residuals():
         state.series.update(torch.full((3,), 2.0 * s), s)
     assert torch.equal(state.series.predict(3), torch.full((3,), 6.0))
     assert cfg.tag() == "DBCache_F1B0_W8I1M0MC0_R0.08"
+
+
+# --- calibration arithmetic ---------------------------------------------------------------------
+
+def test_fit_recovers_a_known_polynomial_and_files_load(tmp_path):
+    from stepcache.policies.calibrate_math import fit_teacache, write_calibration
+    flux = np.array(TeaCache(coefficients="flux").coefficients)
+    x = np.linspace(0.01, 0.4, 40)
+    coeffs, r2 = fit_teacache(x, np.polyval(flux, x))
+    assert np.allclose(coeffs, flux, rtol=1e-6) and r2 > 0.999999
+    path = tmp_path / "cal" / "m.json"
+    write_calibration(path, model="m", family="f", num_steps=3, mag_ratios=[1.0, 1.1, 0.9],
+                      teacache_coefficients=coeffs)
+    assert MagCache(mag_ratios=str(path)).mag_ratios == (1.0, 1.1, 0.9)
+    assert np.allclose(TeaCache(coefficients=str(path)).coefficients, flux, rtol=1e-6)
+    with pytest.raises(ConfigError, match="more than 4"):
+        fit_teacache([0.1, 0.2], [0.1, 0.2])
+
+
+def test_mag_ratios_follow_the_definition():
+    from stepcache.policies.calibrate_math import mag_ratios, mean_ratios
+    gen = torch.Generator().manual_seed(0)
+    res = [torch.randn(2, 6, 8, generator=gen) * (1 + s) for s in range(3)]
+    got = mag_ratios(res)
+    want = (torch.linalg.norm(res[1], dim=-1) / (torch.linalg.norm(res[0], dim=-1) + 1e-8)).mean().item()
+    assert got[0] == 1.0 and got[1] == want and len(got) == 3
+    assert mean_ratios([[1.0, 2.0], [1.0, 4.0]]) == [1.0, 3.0]
