@@ -17,9 +17,9 @@ pytest.importorskip("transformers")  # the text-to-image pipelines import it eve
 import stepcache  # noqa: E402
 from stepcache import FORA, NoCache  # noqa: E402
 from stepcache.errors import ClockError, ConfigError, UnsupportedModelError  # noqa: E402
-from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy  # noqa: E402
-from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial  # noqa: E402
-from stepcache.runtime.context import StepContext  # noqa: E402
+from stepcache.core.policy import PolicyConfig, PolicyHandler, register_policy  # noqa: E402
+from stepcache.core.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial  # noqa: E402
+from stepcache.core.context import StepContext  # noqa: E402
 from helpers import randomize  # noqa: E402
 
 STEPS = 3
@@ -44,7 +44,8 @@ class ProbeHandler(PolicyHandler):
         super().reset(run)
         self.seen, self.maps, self.runs = [], [], getattr(self, "runs", []) + [run]
 
-    def decide(self, ctx, layer, branch):
+    def decide(self, ctx, site, view):
+        layer, branch = site.layer, site.name
         self.seen.append((ctx.i, ctx.call, layer, branch))
         if ctx.is_first:
             if self.config.values and branch == "attn":
@@ -56,11 +57,11 @@ class ProbeHandler(PolicyHandler):
             return Partial(torch.arange(k).expand(self.run.batch, k))
         return REUSE
 
-    def observe(self, ctx, layer, branch, attn_map=None, values=None, **kw):
-        if attn_map is not None:
-            self.maps.append(attn_map)
-        if values is not None:
-            self.maps.append(values)
+    def observe(self, ctx, site, result):
+        if result.attn_map is not None:
+            self.maps.append(result.attn_map)
+        if result.values is not None:
+            self.maps.append(result.values)
 
 
 # ------------------------------------------------------------------------------ tiny families
@@ -365,24 +366,24 @@ def test_toca_map_score_on_sd3_raises_naming_usable_scores():
 
 def test_toca_state_is_kept_per_model_call():
     """FLUX true CFG calls the model twice per step: each call has its own staleness counters."""
-    from stepcache.policies.base import ModelInfo
-    from stepcache.policies.toca import ToCa, ToCaHandler
-    from stepcache.runtime.context import RunInfo
+    from stepcache.core.context import ModelInfo, RunInfo
+    from stepcache.core.harness import PolicyDriver
+    from stepcache.policies.toca import ToCa
 
     info = ModelInfo(depth=1, num_tokens=4, grid=(2, 2), branches=("attn", "mlp", "context_mlp"),
                      family="diffusers.FluxTransformer2DModel")
-    handler = ToCaHandler(ToCa(interval=3, fresh_ratio=0.5, schedule="constant", score="norm", bonus=0), info)
+    handler = PolicyDriver(ToCa(interval=3, fresh_ratio=0.5, schedule="constant", score="norm", bonus=0), info)
     handler.reset(RunInfo(num_steps=3, batch=1))
     actions = []
     for i in (2, 1):
         for call in (0, 1):
             ctx = StepContext(i, 3, call=call)
             attn = handler.decide(ctx, 0, "attn")
-            handler.see_tokens(ctx, 0, "mlp", torch.randn(1, 4, 8), torch.randn(1, 4, 8))
-            actions.append((attn, handler.decide(ctx, 0, "mlp"), handler.decide(ctx, 0, "context_mlp")))
+            mlp = handler.decide(ctx, 0, "mlp", x=torch.randn(1, 4, 8), cached=torch.randn(1, 4, 8))
+            actions.append((attn, mlp, handler.decide(ctx, 0, "context_mlp")))
     assert [a[2] for a in actions] == [COMPUTE, COMPUTE, REUSE, REUSE]
     assert all(isinstance(a[1], Partial) and a[1].index.shape == (1, 2) for a in actions[2:])
-    counters = [handler.counters[0], handler.states[0]["counters"][0]]  # call 1 (active), call 0
+    counters = [handler.call_state(1).counters[0], handler.call_state(0).counters[0]]
     assert [int(c.max()) for c in counters] == [1, 1] and [int(c.sum()) for c in counters] == [2, 2]
 
 
@@ -395,9 +396,9 @@ def test_toca_dit_variant_on_pixart_shares_cross_tokens_with_mlp_and_r0_is_fora(
     with stepcache.apply(pipe, policy) as handle:
         decide, chosen = handle.handler.decide, {}
 
-        def record(ctx, layer, branch):
-            action = decide(ctx, layer, branch)
-            chosen.setdefault((ctx.i, layer, branch), action)
+        def record(ctx, site, view):
+            action = decide(ctx, site, view)
+            chosen.setdefault((ctx.i, site.layer, site.name), action)
             return action
 
         handle.handler.decide = record
@@ -468,15 +469,15 @@ def test_toca_pixart_variant_follows_the_reference_rules(rows, S, N, full_p):
         assert handler.pixart and handler.config.fresh_ratio == 0.30 and handler.config.bonus_grid == 4
         decide, observe = handler.decide, handler.observe
 
-        def record_decide(ctx, layer, branch):
-            action = decide(ctx, layer, branch)
-            events.append(("decide", ctx.num_steps - 1 - ctx.i, layer, branch, action))
+        def record_decide(ctx, site, view):
+            action = decide(ctx, site, view)
+            events.append(("decide", ctx.num_steps - 1 - ctx.i, site.layer, site.name, action))
             return action
 
-        def record_observe(ctx, layer, branch, attn_map=None, values=None, index=None):
-            observe(ctx, layer, branch, attn_map=attn_map, values=values, index=index)
-            if attn_map is not None:
-                events.append(("map", layer, branch, attn_map.clone(), index))
+        def record_observe(ctx, site, result):
+            observe(ctx, site, result)
+            if result.attn_map is not None:
+                events.append(("map", site.layer, site.name, result.attn_map.clone(), result.index))
 
         handler.decide, handler.observe = record_decide, record_observe
         pe, ne = _embeds(rows, 6, 32, 0)[0], _embeds(rows, 6, 32, 50)[0]
@@ -531,12 +532,14 @@ def test_toca_pixart_variant_follows_the_reference_rules(rows, S, N, full_p):
 
 def test_toca_variant_settings_are_checked():
     from stepcache import ToCa
-    from stepcache.policies.base import ModelInfo
-    from stepcache.policies.toca import ToCaHandler
+    from stepcache.core.context import ModelInfo
+    from stepcache.policies.toca import ToCaPolicy as ToCaHandler
 
     pixart = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "cross", "mlp"),
-                       family="diffusers.PixArtTransformer2DModel")
-    dit = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "mlp"))
+                       family="diffusers.PixArtTransformer2DModel", variant="pixart",
+                       capabilities=frozenset({"attention_map"}))
+    dit = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "mlp"),
+                    capabilities=frozenset({"attention_map"}))
     assert ToCaHandler(ToCa(), dit).config.fresh_ratio == 0.07
     assert ToCaHandler(ToCa(fresh_ratio=0.2, bonus=0.0), pixart).config.schedule == "ToCa-pixart"
     for bad, info in ((ToCa(schedule="ToCa-ddim50"), pixart), (ToCa(score="compress"), pixart),
@@ -607,7 +610,7 @@ def test_sd3_skip_layer_guidance_call_runs_uncached():
 def test_norms_feeding_a_reused_branch_are_skipped_without_changing_the_output(name, monkeypatch):
     """A LayerNorm whose output only feeds a reused site returns one token instead of all; the block's
     modulation broadcasts it and the reused site never reads it: outputs are bit-identical."""
-    from stepcache.adapters.diffusers_common import DiffusersAdapter
+    from stepcache.adapters.diffusers.common import DiffusersAdapter
 
     build, run = FAMILIES[name]
     pipe = build()

@@ -15,7 +15,7 @@ class back. Per pipeline call:
    ``timestep_scale``: FLUX passes ``t / 1000``) must equal ``scheduler.timesteps[begin + n]``;
    otherwise a :class:`ClockError` is raised rather than guessing.
 4. Several transformer calls within one step (FLUX true CFG: cond then uncond) get ``call = 0, 1,
-   ...`` and separate caches (the runtime store is swapped per call index).
+   ...`` and separate caches (the runtime keeps one state per call index).
 
 CFG layout: batched pipelines mark the run ``cfg`` when the rows are twice the conditional batch;
 DiT puts cond first, PixArt/SD3 put uncond first (``RunInfo.uncond_first``).
@@ -29,13 +29,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import replace
-
 import torch
 
 from stepcache.errors import ClockError, ConfigError
-from stepcache.runtime.context import StepContext
-from stepcache.runtime.hooks import AttrPatch
+from stepcache.core.context import StepContext
+from stepcache.core.hooks import AttrPatch
 
 _CLASS_CACHE: dict[type, type] = {}
 _ATTR = "_stepcache_clock"
@@ -67,7 +65,7 @@ class PipelineClock:
             raise ClockError("This pipeline is already running; stepcache does not support re-entrant calls.")
         scheduler = self.pipe.scheduler
         self.active, self.started, self.cfg = True, False, cfg
-        self.steps_done, self.calls_in_step, self.stores = 0, 0, {}
+        self.steps_done, self.calls_in_step = 0, 0
         self.handle.end_run()
         original_step = scheduler.step
 
@@ -83,7 +81,6 @@ class PipelineClock:
             yield
         finally:
             patch.restore()
-            self.stores = {}
             self.handle.end_run()
             self.active = False
 
@@ -110,18 +107,14 @@ class PipelineClock:
             raise ClockError(f"The transformer got timestep {t:g} but the scheduler is at {expected:g} (step {n}); "
                              "stepcache cannot tell which step this pipeline is on.")
         call = self.calls_in_step
-        self.calls_in_step += 1
-        self.handle.store = self.stores.setdefault(call, {})  # separate caches per call of a step
+        self.calls_in_step += 1  # each call of a step keeps its own state in the runtime (core.state)
         self.handle.set_step(StepContext(i=S - 1 - n, num_steps=S, t=expected, call=call))
 
     def _begin(self, num_steps: int, rows: int, adapter) -> None:
         batched = self.cfg and adapter.cfg_layout != "separate_calls"
         if batched and rows % 2:
             raise ClockError(f"A CFG batch must have an even number of rows, got {rows}.")
-        self.handle.begin_run(num_steps, rows, cfg=batched)
-        if batched and adapter.cfg_layout == "uncond_first":
-            self.handle.run = replace(self.handle.run, uncond_first=True)
-            self.handle.handler.reset(self.handle.run)
+        self.handle.begin_run(num_steps, rows, cfg=batched, uncond_first=batched and adapter.cfg_layout == "uncond_first")
         self.started = True
 
 

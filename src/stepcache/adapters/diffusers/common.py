@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from stepcache.adapters.base import Adapter, gather_tokens
+from stepcache.core.context import ModelInfo
 from stepcache.errors import ClockError, ConfigError
-from stepcache.policies.base import ModelInfo
-from stepcache.runtime.hooks import AttrPatch, ForwardPatch
+from stepcache.core.hooks import AttrPatch, ForwardPatch
 
 def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
@@ -165,6 +165,8 @@ class DiffusersAdapter(Adapter):
     image_modules: tuple[str, ...] = ()  # non-block modules run on every image token (for MACs)
     text_modules: tuple[str, ...] = ()  # non-block modules run on every text token (for MACs)
     skip_unused_norms: bool = True  # skip a Site.norm when its site is reused (outputs unchanged)
+    capabilities: frozenset = frozenset({"attention_map", "value_norms"})
+    variant: str | None = None  # the policy variant the family's reference calls for (PixArt: "pixart")
 
     # ------------------------------------------------------------------ declaration helpers
     def matches(self, model) -> bool:
@@ -201,20 +203,22 @@ class DiffusersAdapter(Adapter):
     def info(self, model) -> ModelInfo:
         grid = self.default_grid(model)
         return ModelInfo(depth=len(self.blocks(model)), num_tokens=grid[0] * grid[1], grid=grid,
-                         branches=self.branches, family=self.family)
+                         branches=self.branches, family=self.family, capabilities=self.capabilities,
+                         variant=self.variant)
 
     # ------------------------------------------------------------------ installation
-    def install(self, model, handle) -> list:
+    def install(self, model, handle, patches: list) -> None:
         refuse_diffusers_cache(model)
+        for block, _group in self.blocks(model):  # refuse before patching anything
+            if getattr(block, "_chunk_size", None) is not None:
+                raise ConfigError(f"{type(model).__name__} has feed-forward chunking enabled; stepcache caches whole "
+                                  "branch outputs: call set_chunk_feed_forward(None) (or disable_forward_chunking()).")
         geom = Geometry(handle.info.num_tokens, handle.info.grid)
-        patches = [ForwardPatch(model, lambda original: self._model_forward(model, original, handle, geom))]
+        patches.append(ForwardPatch(model, lambda original: self._model_forward(model, original, handle, geom)))
         if hasattr(model, "enable_cache"):
             patches.append(AttrPatch(model, "enable_cache", _refuse_enable_cache))
         extra = _branch_extras(handle)
         for layer, (block, group) in enumerate(self.blocks(model)):
-            if getattr(block, "_chunk_size", None) is not None:
-                raise ConfigError(f"{type(model).__name__} has feed-forward chunking enabled; stepcache caches whole "
-                                  "branch outputs: call set_chunk_feed_forward(None) (or disable_forward_chunking()).")
             for site in group.sites:
                 module = getattr(block, site.module, None)
                 if module is None:  # e.g. SD3's last block has no text MLP
@@ -226,7 +230,6 @@ class DiffusersAdapter(Adapter):
                 if isinstance(norm, nn.LayerNorm) and hasattr(handle, "peek"):
                     patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer:
                                                 _skippable_norm(orig, s, l, handle)))
-        return patches
 
     def _model_forward(self, model, original, handle, geom: Geometry):
         fixed_per_token = self._fixed_macs(model)
