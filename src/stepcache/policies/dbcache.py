@@ -30,10 +30,12 @@ from typing import ClassVar
 
 import torch
 
+from stepcache.core.actions import COMPUTE, REUSE, Emit
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.base import PolicyConfig
+from stepcache.policies.fbcache import hidden_part
 from stepcache.policies.indicators import rel_l1
-from stepcache.policies.taylorseer import FACTOR_DTYPES, TaylorSeer, TaylorSeries
+from stepcache.policies.taylorseer import FACTOR_DTYPES, TaylorSeer, TaylorSeries, forecast_macs
 
 
 def _int(v, lo: int) -> bool:
@@ -107,9 +109,10 @@ class DBCache(PolicyConfig):
 class DualBlockState:
     """Decision state of one call branch (cond / uncond) for one run."""
 
-    def __init__(self, config: DBCache) -> None:
+    def __init__(self, config: DBCache, slots: dict | None = None) -> None:
         self.config = config
-        self.ref: torch.Tensor | None = None  # Fn residual of the last computed step
+        self.slots = {} if slots is None else slots  # "ref": Fn residual of the last computed step
+        self.fresh: torch.Tensor | None = None  # this call's Fn residual
         self.cached: list[int] = []
         self.diffs: dict[int, float] = {}
         self.streak = 0
@@ -118,6 +121,10 @@ class DualBlockState:
         if config.forecast is not None:
             self.series = TaylorSeries(config.forecast.order, FACTOR_DTYPES[config.forecast.factors_dtype],
                                        rules="diffusers")
+
+    @property
+    def ref(self) -> torch.Tensor | None:
+        return self.slots.get("ref")
 
     def _record(self, s: int, d: float) -> None:
         if s not in self.diffs:
@@ -138,15 +145,16 @@ class DualBlockState:
             return False
         if c.max_accumulated_diff is not None and self.accumulated >= c.max_accumulated_diff:
             return False
-        if self.ref is None:
+        ref = self.ref
+        if ref is None:
             return False
         if c.threshold >= 1:
             self._record(s, -1.0)
             return True
-        if self.ref.shape != residual.shape:
+        if ref.shape != residual.shape:
             self._record(s, -2.0)
             return False
-        d = rel_l1(self.ref, residual)
+        d = rel_l1(ref, residual)
         self._record(s, d)
         return d < c.threshold
 
@@ -157,5 +165,42 @@ class DualBlockState:
             self.cached.append(s)
             self.streak += 1
         else:
-            self.ref = residual
+            self.slots["ref"] = residual
         return cache
+
+
+@register_policy(DBCache)
+class DBCachePolicy(Policy):
+    """Spans (0, front) (always computed; its residual is the indicator) and (front, L - back)."""
+
+    def __init__(self, config: DBCache, info):
+        super().__init__(config, info)
+        config.check_depth(info.depth)
+        self.middle = (config.front, info.depth - config.back)
+
+    def new_call_state(self):
+        return DualBlockState(self.config)
+
+    def spans(self):
+        return ((0, self.config.front), self.middle)
+
+    def decide(self, ctx, site, view):
+        if not site.is_span or site.layer == 0:
+            return COMPUTE
+        state = self.state
+        state.slots = view.memory
+        if not state.decide(ctx.progress, state.fresh) or view.cached is None:
+            return COMPUTE
+        if state.series is None:
+            return REUSE
+        factors = state.series.factors
+        return Emit(state.series.predict(ctx.progress, view.cached.dtype), macs=forecast_macs(factors))
+
+    def observe(self, ctx, site, result) -> None:
+        if not site.is_span:
+            return
+        if site.layer == 0:
+            self.state.fresh = hidden_part(result.output, self.info)  # (B, T, D)
+        elif self.state.series is not None:
+            self.state.series.update(result.output, ctx.progress)
+            result.memory["F"] = self.state.series.factors  # counted as the policy's memory

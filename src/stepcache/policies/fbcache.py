@@ -16,8 +16,9 @@ from typing import ClassVar
 
 import torch
 
+from stepcache.core.actions import COMPUTE, REUSE
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.base import PolicyConfig
 from stepcache.policies.indicators import rel_l1
 
 
@@ -45,16 +46,55 @@ def check_depth(depth: int, what: str = "FBCache") -> None:
 
 
 class FirstBlockState:
-    """Indicator state of one call branch: the first block's residual at the last computed step."""
+    """Indicator state of one call branch: the first block's residual at the last computed step
+    (kept in ``slots["ref"]``, the runtime's counted memory), the fresh one, and the last diff."""
 
-    def __init__(self) -> None:
-        self.ref: torch.Tensor | None = None
+    def __init__(self, slots: dict | None = None) -> None:
+        self.slots = {} if slots is None else slots
+        self.fresh: torch.Tensor | None = None
         self.diff: float | None = None
+
+    @property
+    def ref(self) -> torch.Tensor | None:
+        return self.slots.get("ref")
 
     def should_compute(self, residual: torch.Tensor, threshold: float) -> bool:
         """Decide for the rest of the stack given block 0's fresh residual; refresh on compute."""
-        self.diff = None if self.ref is None else rel_l1(self.ref, residual)
+        ref = self.ref
+        self.diff = None if ref is None else rel_l1(ref, residual)
         compute = self.diff is None or self.diff > threshold
         if compute:
-            self.ref = residual
+            self.slots["ref"] = residual
         return compute
+
+
+def hidden_part(residual: torch.Tensor, info) -> torch.Tensor:
+    """The hidden (image) stream of a span residual: two-stream blocks give [image; text] on dim 1."""
+    T = info.num_tokens
+    return residual if residual.shape[1] == T else residual[:, :T]
+
+
+@register_policy(FBCache)
+class FBCachePolicy(Policy):
+    """Spans (0, 1) (block 0, always computed: its residual is the indicator) and (1, L) (the rest)."""
+
+    def __init__(self, config: FBCache, info):
+        super().__init__(config, info)
+        check_depth(info.depth)
+
+    def new_call_state(self):
+        return FirstBlockState()
+
+    def spans(self):
+        return ((0, 1), (1, self.info.depth))
+
+    def decide(self, ctx, site, view):
+        if not site.is_span or site.layer == 0:
+            return COMPUTE
+        self.state.slots = view.memory
+        compute = self.state.should_compute(self.state.fresh, self.config.threshold) or view.cached is None
+        return COMPUTE if compute else REUSE
+
+    def observe(self, ctx, site, result) -> None:
+        if site.is_span and site.layer == 0:
+            self.state.fresh = hidden_part(result.output, self.info)  # (B, T, D)

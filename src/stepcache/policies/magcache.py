@@ -22,8 +22,9 @@ from typing import ClassVar
 
 import torch
 
+from stepcache.core.actions import COMPUTE, REUSE
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.base import PolicyConfig
 from stepcache.policies.calibration_data import load_values, published
 
 TABLE = "magcache_ratios.json"
@@ -128,3 +129,33 @@ def skipped_steps(config: MagCache, num_steps: int, ratios=None) -> list[int]:
         if state.step(s, table, retain, config.threshold, config.max_skip_steps, has_residual=s > 0):
             out.append(s)
     return out
+
+
+@register_policy(MagCache)
+class MagCachePolicy(Policy):
+    """One span over the whole stack; the runtime stores its residual on computed steps."""
+
+    def __init__(self, config: MagCache, info):
+        super().__init__(config, info)
+        self.ratios = resolve_ratios(config, info.family)  # fails at apply time, not mid-run
+        self.table = interpolate_ratios(self.ratios, len(self.ratios))
+        self.retain = 0
+
+    def new_call_state(self):
+        return MagState()
+
+    def reset(self, run) -> None:
+        super().reset(run)
+        self.table = interpolate_ratios(self.ratios, run.num_steps)  # (S,) float32
+        self.retain = retention_steps(self.config.retention_ratio, run.num_steps)
+
+    def spans(self):
+        return ((0, self.info.depth),)
+
+    def decide(self, ctx, site, view):
+        if not site.is_span:
+            return COMPUTE
+        c = self.config
+        skip = self.state.step(ctx.progress, self.table, self.retain, c.threshold, c.max_skip_steps,
+                               has_residual=view.cached is not None)
+        return REUSE if skip else COMPUTE

@@ -30,8 +30,9 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from stepcache.core.actions import COMPUTE, Emit
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.base import PolicyConfig
 
 SITES = ("branches", "attention")
 FACTOR_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -214,3 +215,58 @@ class TaylorSeries:
 
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.factors)
+
+
+def last_full_step(s: int, config: TaylorSeer) -> int:
+    """The latest full step at or before ``s``."""
+    while not is_full_step(s, config):
+        s -= 1
+    return s
+
+
+# Branch sites forecast under sites="attention": the modules diffusers' default patterns hook (names
+# ending in "attn"). The adapters name that branch "attn"; diffusers' DiT and PixArt call the module
+# "attn1", which its patterns miss (its hook then forecasts nothing): we forecast it, and say so.
+ATTENTION_BRANCHES = ("attn",)
+
+
+@register_policy(TaylorSeer)
+class TaylorSeerPolicy(Policy):
+    """Routes the factor table of every forecast site through the runtime's slots (counted memory):
+    ``slots["F"]`` = [F0, F1, ...], ``slots["s"]`` = step of the last refresh, ``slots["dtype"]``."""
+
+    def __init__(self, config: TaylorSeer, info):
+        super().__init__(config, info)
+        wanted = info.branches if config.sites == "branches" else ATTENTION_BRANCHES
+        self.targets = frozenset(b for b in info.branches if b in wanted)
+        if not self.targets:
+            raise ConfigError(f"TaylorSeer(sites={config.sites!r}) finds no branch to forecast on {info.family} "
+                              f"(branches: {', '.join(info.branches)}); use sites='branches'.")
+        self.dtype = FACTOR_DTYPES[config.factors_dtype]
+
+    def reset(self, run) -> None:
+        super().reset(run)
+        check_order(run.num_steps, self.config)
+
+    def decide(self, ctx, site, view):
+        s = ctx.progress
+        if site.is_span or site.name not in self.targets or is_full_step(s, self.config):
+            return COMPUTE
+        slots = view.memory
+        factors = slots.get("F")
+        if not factors:
+            raise ConfigError(f"TaylorSeer has nothing to forecast {site} from at step {ctx.i}: the run must start "
+                              "with a full step.")
+        out = forecast(factors, s - slots["s"], slots["dtype"], rules=self.config.rules)
+        return Emit(out, macs=forecast_macs(factors))
+
+    def observe(self, ctx, site, result) -> None:
+        s = ctx.progress
+        if site.is_span or site.name not in self.targets or not is_full_step(s, self.config):
+            return
+        slots = result.memory
+        old, prev = slots.get("F", []), slots.get("s")
+        slots["F"] = update_factors(old, result.output, 0 if prev is None else s - prev, self.config.order,
+                                    difference=prev is not None and takes_differences(s, self.config),
+                                    dtype=self.dtype, rules=self.config.rules)
+        slots["s"], slots["dtype"] = s, result.output.dtype

@@ -22,8 +22,9 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from stepcache.core.actions import COMPUTE, REUSE
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.base import PolicyConfig
 from stepcache.policies.calibration_data import load_values, published, published_by_name
 from stepcache.policies.indicators import rel_l1
 
@@ -84,16 +85,21 @@ def poly(coefficients: Sequence[float], x: float) -> float:
 class TeaState:
     """Indicator state of one call branch (cond / uncond): the previous input and the accumulator."""
 
-    def __init__(self) -> None:
-        self.prev: torch.Tensor | None = None
+    def __init__(self, slots: dict | None = None) -> None:
+        self.slots = {} if slots is None else slots  # "prev": the last modulated input (counted memory)
         self.acc = 0.0
         self.rel: float | None = None
+
+    @property
+    def prev(self) -> torch.Tensor | None:
+        return self.slots.get("prev")
 
     def step(self, s: int, num_steps: int, m: torch.Tensor, coefficients, threshold: float) -> bool:
         """Advance to step ``s`` with the modulated input ``m``; True iff the stack is skipped."""
         first, last = s == 0, s == num_steps - 1
-        self.rel = None if first or self.prev is None else rel_l1(self.prev, m)
-        self.prev = m
+        prev = self.prev
+        self.rel = None if first or prev is None else rel_l1(prev, m)
+        self.slots["prev"] = m
         if first or last or self.rel is None:
             self.acc = 0.0
             return False
@@ -117,3 +123,29 @@ def replay(rels: Sequence[float], coefficients, threshold: float) -> list[int]:
         else:
             acc = 0.0
     return out
+
+
+@register_policy(TeaCache)
+class TeaCachePolicy(Policy):
+    """One span over the whole stack, decided from the adapter's ``modulated_input`` probe."""
+
+    def __init__(self, config: TeaCache, info):
+        super().__init__(config, info)
+        if "modulated_input" not in info.capabilities:
+            raise ConfigError(f"TeaCache needs the first block's modulated input, which the {info.family} adapter "
+                              "does not provide; use FBCache or MagCache on this model.")
+        self.coefficients = resolve_coefficients(config, info.family)  # fails at apply time
+
+    def new_call_state(self):
+        return TeaState()
+
+    def spans(self):
+        return ((0, self.info.depth),)
+
+    def decide(self, ctx, site, view):
+        if not site.is_span:
+            return COMPUTE
+        self.state.slots = view.memory
+        m = view.probe("modulated_input")  # (B, T, D)
+        skip = self.state.step(ctx.progress, ctx.num_steps, m, self.coefficients, self.config.threshold)
+        return REUSE if skip and view.cached is not None else COMPUTE
