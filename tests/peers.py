@@ -25,9 +25,9 @@ def _inner(block) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def step_recorder(transformer, block_index: int = -1):
-    """Records, per transformer call, whether block ``block_index`` really ran: ``rec.computed``,
-    ``rec.calls``. One call per step for the pipelines used here (no true CFG)."""
+def step_recorder(transformer, block_index: int = -1, module: torch.nn.Module | None = None):
+    """Records, per transformer call, whether block ``block_index`` (or ``module``) really ran:
+    ``rec.computed``, ``rec.calls``. One call per step for the pipelines used here (no true CFG)."""
 
     class Rec:
         calls = 0
@@ -44,12 +44,28 @@ def step_recorder(transformer, block_index: int = -1):
             rec.computed.append(rec.calls - 1)
 
     h1 = transformer.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = _inner(blocks(transformer)[block_index]).register_forward_hook(ran)
+    h2 = (module or _inner(blocks(transformer)[block_index])).register_forward_hook(ran)
     try:
         yield rec
     finally:
         h1.remove()
         h2.remove()
+
+
+def loud(build, factor: float = 10.0):
+    """``build`` with every block parameter scaled by ``factor``: the tiny test models' 0.02-std weights
+    make each block's contribution so small that caching changes the latents by ~1e-7 only."""
+
+    def build_loud():
+        pipe = build()
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            for name, p in pipe.transformer.named_parameters():
+                if "blocks" in name:
+                    p.mul_(factor)
+        return pipe
+
+    return build_loud
 
 
 def skipped(rec, steps: int) -> list[int]:
