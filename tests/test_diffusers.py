@@ -628,3 +628,26 @@ def test_norms_feeding_a_reused_branch_are_skipped_without_changing_the_output(n
     hook.remove()
     assert torch.equal(fast, slow)
     assert 1 in skipped and 1 not in widths  # the reuse step (i = 1) skipped the norm
+
+
+# ------------------------------------------------------------------------------ spans of blocks (engine v2)
+def test_spans_of_blocks_on_every_family(family):
+    """A span computed at every step equals the plain pipeline bit for bit; a reused span changes the output,
+    skips its blocks' branches and saves work; remove() restores every block forward."""
+    from test_engine import SpanProbe
+
+    name, pipe, run, base = family
+    depth = len(stepcache.api.find_adapter(pipe)[1].blocks(pipe.transformer))
+    spans = ((0, 1), (1, depth))
+    with stepcache.apply(pipe, SpanProbe(spans_=spans, every=1)):
+        assert torch.equal(run(pipe), base)
+    with stepcache.apply(pipe, SpanProbe(spans_=spans, every=2)) as handle:
+        out = run(pipe)
+        stats = handle.stats()
+        observed = handle.handler.observed
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-7
+    assert stats.macs_executed < stats.macs_uncached and stats.kind_counts()["reuse"] == 1
+    assert {site.end for _, site, _, _ in observed} == {1, depth}
+    assert all(o == x for _, _, o, x in observed)  # residual shaped like the stream it applies to
+    assert all("forward" not in m.__dict__ for m in pipe.transformer.modules())
+    assert torch.equal(run(pipe), base)

@@ -88,6 +88,11 @@ class CacheHandle:
         self._skip_to: int | None = None  # blocks below this index pass through (a reused span)
         self._skip_kind = "reuse"
 
+    @property
+    def has_spans(self) -> bool:
+        """Whether the policy decides spans of blocks (adapters then route blocks through ``block``)."""
+        return bool(self._spans)
+
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> "CacheHandle":
         if getattr(self.model, HANDLE_ATTR, None) is not None:

@@ -59,10 +59,17 @@ class Site:
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """A ``ModuleList`` of blocks (``attr`` on the transformer) and the sites of each of its blocks."""
+    """A ``ModuleList`` of blocks (``attr`` on the transformer) and the sites of each of its blocks.
+
+    ``stream``: how a block takes and returns its hidden states, for spans of blocks:
+    ``"hidden"`` — ``block(hidden_states, ...) -> hidden_states``; ``"pair"`` —
+    ``block(hidden_states, encoder_hidden_states, ...) -> (encoder_hidden_states, hidden_states)``
+    (SD3, FLUX). A span's residual of pair blocks is [image; text] along dim 1 (image tokens first).
+    """
 
     attr: str
     sites: tuple[Site, ...]
+    stream: str = "hidden"
 
 
 class Geometry:
@@ -230,6 +237,16 @@ class DiffusersAdapter(Adapter):
                 if isinstance(norm, nn.LayerNorm) and hasattr(handle, "peek"):
                     patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer:
                                                 _skippable_norm(orig, s, l, handle)))
+        self.patch_blocks(model, handle, patches)
+        if handle.has_spans:  # blocks as units: outermost, so a reused span skips the whole block
+            for layer, (block, group) in enumerate(self.blocks(model)):
+                sites = tuple((s.branch, getattr(block, s.module).forward.site_macs) for s in group.sites
+                              if getattr(block, s.module, None) is not None)
+                patches.append(ForwardPatch(block, lambda orig, l=layer, g=group, st=sites:
+                                            _span_block(orig, l, g, st, handle)))
+
+    def patch_blocks(self, model, handle, patches: list) -> None:
+        """Family hook: replace block forwards (FLUX's single blocks) before the span wrappers go on."""
 
     def _model_forward(self, model, original, handle, geom: Geometry):
         fixed_per_token = self._fixed_macs(model)
@@ -270,6 +287,36 @@ class DiffusersAdapter(Adapter):
             else:
                 per_row += work
         return per_image, per_text, per_row
+
+
+def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
+    """A block routed through ``handle.block`` so that spans of blocks can be computed or skipped.
+    The blocks' own adaLN work is part of the model's fixed work here (a skipped block's is still counted
+    as executed: the accounting errs on the side of less saving)."""
+    pair = group.stream == "pair"
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        call = _call_args(original, args, kwargs)
+        h = call.arguments["hidden_states"]  # (B, T, D)
+        run = lambda: original(*args, **kwargs)  # noqa: E731
+        if not pair:
+            return handle.block(layer, h, run, sites=sites)
+        e = call.arguments.get("encoder_hidden_states")  # (B, L, D) or None
+        T = h.shape[1]
+        x = h if e is None else torch.cat([h, e], dim=1)  # (B, T + L, D)
+
+        def hidden(out):  # (encoder, hidden) -> [image; text]; a block that drops the text keeps it as it came
+            enc, hid = out
+            enc = e if enc is None else enc
+            return hid if enc is None else torch.cat([hid, enc], dim=1)
+
+        def passthrough(stream):
+            return (stream[:, T:] if stream.shape[1] > T else None), stream[:, :T]
+
+        return handle.block(layer, x, run, sites=sites, hidden=hidden, passthrough=passthrough)
+
+    return forward
 
 
 def _module_work(m: nn.Module) -> int:
@@ -334,6 +381,7 @@ def _skippable_norm(original, site, layer, handle):
 # ---------------------------------------------------------------------------------- site kinds
 def _token_site(original, module, site, layer, handle, geom, extra):
     per_token = linear_macs(module)
+    macs = lambda k: k * per_token  # noqa: E731
 
     def forward(hidden_states, *args, **kwargs):  # (B, T, D)
         kw = {"x": hidden_states} if "x" in extra else {}
@@ -341,19 +389,20 @@ def _token_site(original, module, site, layer, handle, geom, extra):
             layer, site.branch,
             full=lambda: original(hidden_states, *args, **kwargs),
             tokens=lambda index: original(gather_tokens(hidden_states, index), *args, **kwargs),
-            macs=lambda k: k * per_token, **kw)
+            macs=macs, **kw)
 
+    forward.site_macs = macs
     return forward
 
 
 def _text_site(original, module, site, layer, handle, geom, extra):
     per_token = linear_macs(module)
+    macs = lambda k: k * geom.text_len * per_token // max(geom.num_tokens, 1)  # noqa: E731
 
     def forward(hidden_states, *args, **kwargs):  # (B, L, D): text stream, Compute/Reuse only
-        L = hidden_states.shape[1]
-        return handle.branch(layer, site.branch, full=lambda: original(hidden_states, *args, **kwargs),
-                             macs=lambda k: k * L * per_token // max(geom.num_tokens, 1))
+        return handle.branch(layer, site.branch, full=lambda: original(hidden_states, *args, **kwargs), macs=macs)
 
+    forward.site_macs = macs
     return forward
 
 
@@ -384,6 +433,7 @@ def _self_site(original, module, site, layer, handle, geom, extra):
         kw = {"with_values": lambda: (full(), value_norms(module, hidden_states))} if "with_values" in extra else {}
         return handle.branch(layer, site.branch, full=full, macs=macs, with_map=with_map, **kw)
 
+    forward.site_macs = macs
     return forward
 
 
@@ -409,6 +459,7 @@ def _cross_site(original, module, site, layer, handle, geom, extra):
         return handle.branch(layer, site.branch, full=full, tokens=on, macs=macs,
                              with_map=lambda: (full(), attention_map(module, x, ctx, mask)), **kw)
 
+    forward.site_macs = macs
     return forward
 
 
@@ -439,11 +490,13 @@ def _joint_site(original, module, site, layer, handle, geom, extra):
             return out
         return out[:, :T], (out[:, T:] if out.shape[1] > T else None)
 
+    forward.site_macs = macs
     return forward
 
 
 def _split_site(original, module, site, layer, handle, geom, extra):
     per_token = linear_macs(module)
+    macs = lambda k: k * per_token + (geom.text_len * per_token if k == geom.num_tokens else 0)  # noqa: E731
 
     def forward(hidden_states, *args, **kwargs):  # (B, L + T, D): [text; image]
         L = geom.text_len
@@ -456,10 +509,11 @@ def _split_site(original, module, site, layer, handle, geom, extra):
         kw = {"x": image} if "x" in extra else {}
         out = handle.branch(layer, site.branch, full=full,
                             tokens=lambda index: original(gather_tokens(image, index), *args, **kwargs),
-                            macs=lambda k: k * per_token + (L * per_token if k == geom.num_tokens else 0), **kw)
+                            macs=macs, **kw)
         T = out.shape[1] - L
         return torch.cat([out[:, T:], out[:, :T]], dim=1)
 
+    forward.site_macs = macs
     return forward
 
 

@@ -53,8 +53,9 @@ class FluxAdapter(DiffusersAdapter):
     class_names = ("FluxTransformer2DModel",)
     groups = (
         BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "ff", "token"),
-                                          Site("context_mlp", "ff_context", "text"))),
-        BlockGroup("single_transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "proj_mlp", "split"))),
+                                          Site("context_mlp", "ff_context", "text")), stream="pair"),
+        BlockGroup("single_transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "proj_mlp", "split")),
+                   stream="pair"),
     )
     timestep_scale = 1000.0
     cfg_layout = "separate_calls"
@@ -63,8 +64,7 @@ class FluxAdapter(DiffusersAdapter):
 
     capabilities = frozenset({"value_norms"})  # joint attention with RoPE: no attention map
 
-    def install(self, model, handle, patches: list) -> None:
-        super().install(model, handle, patches)
+    def patch_blocks(self, model, handle, patches: list) -> None:
         for block in model.single_transformer_blocks:
             patches.append(ForwardPatch(block, lambda _original, b=block: attention_first(b)))
 

@@ -31,7 +31,8 @@ class SD3Adapter(DiffusersAdapter):
     capabilities = frozenset({"value_norms"})  # joint attention: no attention map
     groups = (BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("attn2", "attn2", "self"),
                                                 Site("mlp", "ff", "token", norm="norm2"),
-                                                Site("context_mlp", "ff_context", "text", norm="norm2_context"))),)
+                                                Site("context_mlp", "ff_context", "text", norm="norm2_context")),
+                         stream="pair"),)
     cfg_layout = "uncond_first"
     image_modules = ("pos_embed", "proj_out")
     text_modules = ("context_embedder",)
