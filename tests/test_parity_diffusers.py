@@ -110,3 +110,25 @@ def test_magcache_equals_diffusers_mag_cache(family, threshold):
 
 def stats_depth(stats):
     return 1 + max(int(site.split(".")[0]) for per in stats.decisions.values() for site in per)
+
+
+@pytest.mark.parametrize("family,front,back,threshold,warmup,max_streak", [
+    ("flux", 1, 0, 0.1, 2, -1), ("flux", 1, 1, 0.2, 3, 2), ("pixart", 1, 0, 0.05, 1, 2), ("dit", 1, 0, 0.05, 1, 2)])
+def test_dbcache_takes_cache_dits_decisions(family, front, back, threshold, warmup, max_streak):
+    cache_dit = pytest.importorskip("cache_dit")
+    build, run, _ = FAMILIES[family]
+    pipe = build()
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+        Fn_compute_blocks=front, Bn_compute_blocks=back, residual_diff_threshold=threshold, max_warmup_steps=warmup,
+        max_continuous_cached_steps=max_streak))
+    try:
+        theirs = run(pipe, steps=STEPS)
+        their_cached = cache_dit.summary(pipe)[0].cached_steps
+    finally:
+        cache_dit.disable_cache(pipe)  # cache-dit patches the pipeline CLASS; undo it for the other tests
+    ours, stats = _our_run(build, run, stepcache.DBCache(front=front, back=back, threshold=threshold, warmup=warmup,
+                                                         max_continuous_cached_steps=max_streak))
+    assert their_cached and len(their_cached) < STEPS - warmup
+    assert _last_block_skips(stats, front) == their_cached
+    assert _last_block_skips(stats, 0) == []
+    assert torch.equal(ours, theirs)
