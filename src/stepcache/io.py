@@ -21,7 +21,7 @@ import numpy as np
 
 from stepcache.errors import CheckpointError, StepcacheError
 
-__all__ = ["OutputError", "atomic_write", "write_json", "write_png", "read_png", "png_ok", "save_grid", "save_npz",
+__all__ = ["OutputError", "to_uint8", "atomic_write", "write_json", "write_png", "read_png", "png_ok", "save_grid", "save_npz",
            "file_sha256", "check_output_dir", "current_umask"]
 
 
@@ -108,6 +108,16 @@ def png_ok(path: str | os.PathLike, size: tuple[int, int] | None = None) -> bool
         return True
     except CheckpointError:
         return False
+
+
+def to_uint8(images) -> np.ndarray:
+    """(N, C, H, W) tensor in [-1, 1] -> (N, H, W, 3) uint8 (grey repeated to 3 channels)."""
+    import torch
+
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:

@@ -7,12 +7,11 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stepcache.bench.records import environment  # noqa: F401 - one description of the machine for every record
 from stepcache.errors import CheckpointError, ConfigError
-from stepcache.io import atomic_write, check_output_dir, save_grid, write_json  # noqa: F401 - used by subcommands
+from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401 - used by subcommands
 from stepcache.policies.toca import SCHEDULES
 from stepcache.policies.toca_scores import SCORES
 
@@ -164,14 +163,6 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 
 
 # ---------------------------------------------------------------- outputs
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grayscale repeated)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def decode_latents(latents: torch.Tensor, vae: str):
     """SD VAE decode through diffusers when its weights are available locally or online; else None."""
     try:

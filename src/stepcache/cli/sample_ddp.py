@@ -131,14 +131,14 @@ class LatentDecoder:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor):
-        from stepcache.cli.common import to_uint8
+        from stepcache.io import to_uint8
 
         return to_uint8(self.vae.decode(latents / 0.18215).sample)
 
 
 def run(args) -> int:
     import stepcache
-    from stepcache.cli.common import to_uint8
+    from stepcache.io import to_uint8
     from stepcache.sampling.ddp import DDPSampleConfig, init_distributed, run_ddp_sampling
 
     _defaults(args)
