@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import stepcache
 from stepcache import DiT
 from stepcache.cli.main import main
 from stepcache.models.embedded import ASSETS
@@ -88,7 +89,7 @@ def _ddp(b, out, *extra):
             "--out-dir", str(out), "--no-progress", *extra]
 
 
-EMB = ["--model", "embedded", "--sampler", "ddim", "--num-sampling-steps", "50", "--no-baseline"]
+EMB = ["--model", "embedded", "--sampler", "ddim", "--num-sampling-steps", "50"]  # with the uncached baseline
 
 # (id, argv(bad files, out folder), words the one line must contain)
 CASES = [
@@ -109,13 +110,15 @@ CASES = [
                                           "--out-dir", o], "router"),
     ("sample-router-depth", lambda b, o: ["sample", *EMB, "--cache", "l2c", "--router", b["depth3_router"],
                                           "--out-dir", o], "3-layer"),
-    ("sample-router-steps", lambda b, o: ["sample", *EMB[:-2], "20", "--cache", "l2c", "--router",
+    ("sample-router-steps", lambda b, o: ["sample", *EMB[:-1], "20", "--cache", "l2c", "--router",
                                           str(SHIPPED_ROUTER), "--out-dir", o], "50 sampling steps"),
     ("sample-router-sampler", lambda b, o: ["sample", "--model", "embedded", "--sampler", "ddpm",
                                             "--num-sampling-steps", "50", "--cache", "l2c", "--router", str(SHIPPED_ROUTER),
                                             "--out-dir", o], "ddim sampler"),
     ("sample-router-model", lambda b, o: ["sample", *EMB, "--cache", "l2c", "--router", b["other_model_router"],
                                           "--out-dir", o], "another model"),
+    ("sample-router-out-unusable", lambda b, o: ["sample", *EMB, "--cache", "l2c", "--out-dir", f"{o}/a_file"],
+     "is a file"),
     ("sample-out-is-file", lambda b, o: ["sample", *EMB, "--out-dir", f"{o}/a_file"], "is a file"),
     ("sample-out-under-file", lambda b, o: ["sample", *EMB, "--out-dir", f"{o}/a_file/sub"], "not a writable"),
     ("sample-seed-huge", lambda b, o: ["sample", *EMB, "--seed", str(2**70), "--out-dir", o], "--seed"),
@@ -221,6 +224,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(bad, tmp_path, capsys, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("STEPCACHE_INCEPTION", str(tmp_path / "no_inception_here.pt"))
     monkeypatch.chdir(tmp_path)
+
+    def no_sampling(*args, **kwargs):                                  # item 5: refused before any work
+        raise AssertionError("sampled before refusing")
+
+    import stepcache.bench.runner
+
+    monkeypatch.setattr(stepcache, "sample", no_sampling)
+    monkeypatch.setattr(stepcache.bench.runner, "sample", no_sampling)
     _prepare(case, tmp_path)
     before = _files(tmp_path)
     try:
