@@ -156,6 +156,10 @@ def test_fetch_is_atomic(model, tmp_path):
     dest = tmp_path / "cache" / "copy.pt"
     ck.fetch(src.as_uri(), dest, verify=ck.read_state_dict)
     assert dest.read_bytes() == src.read_bytes()
+    from stepcache.io import current_umask
+
+    for path in (src, dest):                           # issue 13 item 7: the umask's mode, not mkstemp's 0600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
 
     def reject(path):
         raise CheckpointError("bad file")
