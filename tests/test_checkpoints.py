@@ -196,7 +196,8 @@ def test_downloaded_official_file_is_verified(model, tmp_path):
 
 # ------------------------------------------------------------------ issue 13 item 4: stored configs and embedded files
 @pytest.mark.parametrize("meta,needle", [("[1, 2]", "not a JSON object"), ('{"colour": 1}', "unknown DiT argument"),
-                                         ('{"num_heads": 2, "depth": "deep"}', "cannot build"), ('{"depth": ', "not a readable")])
+                                         ('{"num_heads": 2, "depth": "deep"}', "cannot build"),
+                                         ('{"depth": ', "not a readable")])
 def test_stored_dit_config_must_be_an_object_of_dit_arguments(tmp_path, model, meta, needle):
     from safetensors.torch import save_file
 

@@ -11,7 +11,8 @@ import torch
 
 from stepcache.bench.records import environment  # noqa: F401 - one description of the machine for every record
 from stepcache.errors import CheckpointError, ConfigError
-from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401 - used by subcommands
+# the file utilities live in stepcache.io; the subcommands (and older callers) import them from here too
+from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401
 from stepcache.policies.toca import SCHEDULES
 from stepcache.policies.toca_scores import SCORES
 
