@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from stepcache.models.dit import parse_preset
     from stepcache.policies.l2c import load_router
-    from stepcache.policies.l2c_report import format_table, heatmap, model_for_macs, router_report
+    from stepcache.training.l2c_report import format_table, heatmap, model_for_macs, router_report
 
     check_output_dir(args.out, "--out")
     logits, meta = load_router(require_file(args.router, "router file"))

@@ -76,8 +76,8 @@ def _load(args):
 
 def run(args) -> int:
     from stepcache.policies.l2c import save_router
-    from stepcache.policies.l2c_data import load_data
-    from stepcache.policies.l2c_train import RouterTrainConfig, init_distributed, model_identity, train_router
+    from stepcache.training.l2c_data import load_data
+    from stepcache.training.l2c import RouterTrainConfig, init_distributed, model_identity, train_router
 
     if args.ste_threshold is not None and not 0.0 < args.ste_threshold < 1.0:
         raise ConfigError(f"--ste-threshold must lie in (0, 1), got {args.ste_threshold}.")

@@ -24,7 +24,7 @@ import torch
 
 from stepcache.errors import CheckpointError, ConfigError, ModelMismatchError
 from stepcache.io import atomic_write, current_umask
-from stepcache.models.dit import PRESETS, DiT, parse_preset
+from stepcache.models.dit import PRESETS, DiT, parse_preset, register_loader
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 # official file name -> (preset, latent input_size = image size / 8)
@@ -265,3 +265,6 @@ def load_dit(name_or_path, input_size: int | None = None, model=None, device="cp
     check_compatible(dit, sd, path.name)
     dit.load_state_dict(_float32(sd), strict=True, assign=True)
     return dit.to(device).eval()
+
+
+register_loader("dit", load_dit)

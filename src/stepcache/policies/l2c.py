@@ -27,8 +27,8 @@ from typing import ClassVar
 import torch
 
 from stepcache.errors import CheckpointError, ConfigError, ModelMismatchError, UnsupportedModelError
-from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy
-from stepcache.runtime.actions import COMPUTE, REUSE
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
+from stepcache.core.actions import COMPUTE, REUSE
 
 FORMAT = "stepcache.l2c-router"
 FORMAT_VERSION = 1
@@ -154,7 +154,7 @@ class L2C(PolicyConfig):
 
 # ---------------------------------------------------------------------------------------- handler
 @register_policy(L2C)
-class L2CHandler(PolicyHandler):
+class L2CPolicy(Policy):
     """Full steps compute; cache steps look the (step, unit) up in a precomputed table.
 
     Only the self-attention (``attn``) and MLP (``mlp``) branches are routed, as in the paper; any
@@ -176,8 +176,8 @@ class L2CHandler(PolicyHandler):
                                      f"this run has {run.num_steps}.")
         super().reset(run)
 
-    def decide(self, ctx, layer, branch):
-        offset = BRANCH_OFFSET.get(branch)
+    def decide(self, ctx, site, view):
+        layer, offset = site.layer, BRANCH_OFFSET.get(site.name)
         if offset is None:  # e.g. cross-attention: not routed by L2C, always computed
             return COMPUTE
         return COMPUTE if self.keep[ctx.i][2 * layer + offset] else REUSE

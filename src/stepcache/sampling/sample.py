@@ -10,8 +10,8 @@ import torch
 
 from stepcache.diffusion.schedule import Diffusion
 from stepcache.errors import ConfigError
-from stepcache.runtime.context import StepContext
-from stepcache.runtime.handle import apply, get_handle
+from stepcache.core.context import StepContext
+from stepcache.api import apply, get_handle
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import SAMPLERS
 
