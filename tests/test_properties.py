@@ -5,7 +5,7 @@ their parameters (issue 13, "What must be shown").
   everything) equals the uncached run bit for bit.
 - ``remove()`` restores the model exactly: outputs bit for bit and the instance attributes.
 - Nothing leaks from one run into the next: a run after any other run on the same handle equals a fresh one.
-- A refused ``apply`` changes nothing (xfail on diffusers: issue 13 item 3, in the runtime).
+- A refused ``apply`` changes nothing (native DiT, and a diffusers transformer with feed-forward chunking).
 """
 
 from __future__ import annotations
@@ -134,9 +134,8 @@ def test_a_refused_apply_on_a_native_dit_changes_nothing(run, depth):
     assert torch.equal(_sample(MODEL, run), base)
 
 
-@pytest.mark.xfail(reason="issue 13 item 3 (runtime/adapters, the lead's): a refused apply of a diffusers "
-                          "transformer with feed-forward chunking leaves the root and block 0 patched", strict=True)
 def test_a_refused_apply_on_a_chunked_diffusers_transformer_changes_nothing():
+    """Issue 13 item 3 (fixed in the engine): the refusal used to leave the root and block 0 patched."""
     diffusers = pytest.importorskip("diffusers")
     from helpers import randomize
 
