@@ -23,7 +23,7 @@ from stepcache.errors import StepcacheError  # noqa: E402
 from helpers import tiny_dit  # noqa: E402
 
 DEPTH = 2
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 MODEL = tiny_dit(depth=DEPTH, hidden=32, heads=2, input_size=8, patch=2)
 
