@@ -11,7 +11,8 @@ import torch
 
 from stepcache.bench.records import environment  # noqa: F401 - one description of the machine for every record
 from stepcache.errors import CheckpointError, ConfigError
-from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401 - used by subcommands
+# the file utilities live in stepcache.io; the subcommands (and older callers) import them from here too
+from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401
 from stepcache.cli.policy_flags import add_cache_options, build_policy, chosen_settings  # noqa: F401 - re-exported
 
 
