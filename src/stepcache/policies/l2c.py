@@ -166,14 +166,23 @@ class L2CHandler(PolicyHandler):
             raise ModelMismatchError(f"The L2C router was made for a {config.depth}-layer model but this "
                                      f"model has {info.depth} layers.")
         self.keep = recompute_mask(config.logits(), config.threshold).tolist()  # [S][2D] bool
+        self.staged = None
 
     def reset(self, run) -> None:
+        self.staged = None
+        if run.stages > 1:  # DPM-Solver++(2S): cache steps are step starts, see policies/l2c_dpm.py
+            from stepcache.policies.l2c_dpm import StagedRouter
+
+            self.staged = StagedRouter(self.config, run)
+            return super().reset(run)
         if run.num_steps != self.config.num_steps:
             raise ModelMismatchError(f"The L2C router was made for {self.config.num_steps} sampling steps but "
                                      f"this run has {run.num_steps}.")
         super().reset(run)
 
     def decide(self, ctx, layer, branch):
+        if self.staged is not None:
+            return self.staged.decide(ctx, layer, branch)
         offset = BRANCH_OFFSET.get(branch)
         if offset is None:  # e.g. cross-attention: not routed by L2C, always computed
             return COMPUTE

@@ -18,6 +18,7 @@ class RunInfo:
     batch: int
     cfg: bool = False
     uncond_first: bool = False
+    stages: int = 1  # model evaluations per step: 2 for DPM-Solver++(2S) (start, midpoint)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class StepContext:
     num_steps: int
     t: float = 0.0
     call: int = 0  # index of the model call within this step (pipelines may call twice)
+    stage: int = 0  # solver stage within the step: 0 its start, 1 its midpoint (DPM-Solver++(2S))
 
     @property
     def is_first(self) -> bool:

@@ -64,9 +64,9 @@ class CacheHandle:
         self.remove()
 
     # ------------------------------------------------------------------ clock
-    def begin_run(self, num_steps: int, batch: int, cfg: bool = False) -> None:
+    def begin_run(self, num_steps: int, batch: int, cfg: bool = False, stages: int = 1) -> None:
         """Start a sampling run: drop all state of the previous run."""
-        self.run = RunInfo(num_steps=num_steps, batch=batch, cfg=cfg)
+        self.run = RunInfo(num_steps=num_steps, batch=batch, cfg=cfg, stages=stages)
         self.store.clear()
         self.ctx = None
         self._stats = CacheStats(num_tokens=self.info.num_tokens)
@@ -75,7 +75,8 @@ class CacheHandle:
     def set_step(self, ctx: StepContext) -> None:
         if self.run is None:
             raise ClockError("set_step() called before begin_run(); a sampler must start the run first.")
-        if ctx.num_steps != self.run.num_steps or not 0 <= ctx.i < ctx.num_steps:
+        if ctx.num_steps != self.run.num_steps or not 0 <= ctx.i < ctx.num_steps \
+                or not 0 <= ctx.stage < self.run.stages:
             raise ClockError(f"step {ctx.i} of {ctx.num_steps} does not belong to the current "
                              f"{self.run.num_steps}-step run.")
         self.ctx = ctx
