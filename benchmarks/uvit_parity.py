@@ -16,6 +16,8 @@ and it counts the routers' active units as the reference's ``load_ranking`` does
 
     .venv/bin/python benchmarks/uvit_parity.py --ref-dir /tmp/ref-uvit/U-ViT \\
         --out benchmarks/results/uvit_parity.json
+    .venv/bin/python benchmarks/uvit_parity.py --ref-dir /tmp/ref-uvit/U-ViT \\
+        --dump-fixture tests/fixtures/reference_uvit_small.pt
 """
 
 from __future__ import annotations
@@ -209,6 +211,36 @@ def unit_table(ref, model, ckpt: Path, thresholds) -> list:
     return rows
 
 
+FIXTURE_MODEL = dict(depth=4, embed_dim=32, heads=2, img_size=8, num_classes=1001, seed=5)
+
+
+@torch.no_grad()
+def dump_fixture(ref, path: Path, scale: float = 0.4) -> dict:
+    """Reference latents of a tiny seeded U-ViT (tests.helpers.tiny_uvit(**FIXTURE_MODEL)): plain DPM-Solver
+    NFE 10, and with a synthetic router in the reference's file format (bare {'i.prob': float32[10]})."""
+    import collections
+    import tempfile
+
+    model = tiny_uvit(**FIXTURE_MODEL)
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    y = torch.tensor([3, 997])
+    logits = torch.randn(10, 2 * (FIXTURE_MODEL["depth"] + 1), generator=g) * 3  # (2N, 2 * blocks)
+    data = {"model": FIXTURE_MODEL, "noise": z, "labels": y, "scale": scale, "nfe": 10, "router": logits,
+            "torch": str(torch.__version__)}
+    data["plain"] = reference_sampling(ref, twin(ref.uvit, model), z, y, 10, scale, model.null_label).clone()
+    with tempfile.TemporaryDirectory() as tmp:
+        router = Path(tmp) / "router.pth"
+        torch.save(collections.OrderedDict((f"{i}.prob", row.clone()) for i, row in enumerate(logits)), router)
+        for thres in (0.1, 0.9):
+            net = twin(ref.uvit_dynamic, model)
+            load_ranking(net, router, 10, thres)
+            data[f"l2c_{thres}"] = reference_sampling(ref, net, z, y, 10, scale, model.null_label).clone()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, path)
+    return {"fixture": str(path), "bytes": path.stat().st_size}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ref-dir", type=Path, required=True, help="the U-ViT folder of horseee/learning-to-cache")
@@ -221,9 +253,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of weights, noise and labels")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance on final latents")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--dump-fixture", type=Path, default=None, help="only write the golden test fixture here")
     args = ap.parse_args()
 
     ref = import_reference(args.ref_dir)
+    if args.dump_fixture is not None:
+        print(json.dumps(dump_fixture(ref, args.dump_fixture)))
+        return
     ckpt = ref.root / "ckpt"
     model = tiny_uvit(depth=args.depth, embed_dim=args.embed_dim, heads=args.heads, img_size=args.img_size,
                       num_classes=1001, seed=args.seed)
