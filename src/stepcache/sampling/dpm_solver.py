@@ -37,6 +37,24 @@ def time_grid(num_steps: int, t_end: float = 1e-3, t_start: float = 1.0) -> torc
     return torch.linspace(t_start, t_end, num_steps + 1)
 
 
+def dpm_solver_2s_step(denoise: Callable, schedule: DiscreteVPSchedule, x: torch.Tensor, s: torch.Tensor,
+                       t: torch.Tensor, j: int) -> torch.Tensor:
+    """One step from times s to t (B,) (step j of the clock): two denoiser calls, stage 0 then 1."""
+    ns = schedule
+    lambda_s, lambda_t = ns.lambda_(s), ns.lambda_(t)
+    h = lambda_t - lambda_s
+    s1 = ns.inverse_lambda(lambda_s + R1 * h)
+    sigma_s, sigma_s1, sigma_t = ns.sigma(s), ns.sigma(s1), ns.sigma(t)
+    alpha_s1, alpha_t = torch.exp(ns.log_alpha(s1)), torch.exp(ns.log_alpha(t))
+    phi_11, phi_1 = torch.expm1(-R1 * h), torch.expm1(-h)
+
+    x0_s = denoise(x, s, j, 0)
+    x_s1 = _col(sigma_s1 / sigma_s, x) * x - _col(alpha_s1 * phi_11, x) * x0_s
+    x0_s1 = denoise(x_s1, s1, j, 1)
+    return (_col(sigma_t / sigma_s, x) * x - _col(alpha_t * phi_1, x) * x0_s
+            - (0.5 / R1) * _col(alpha_t * phi_1, x) * (x0_s1 - x0_s))
+
+
 def dpm_solver_2s(denoise: Callable, schedule: DiscreteVPSchedule, x: torch.Tensor, num_steps: int,
                   t_end: float = 1e-3, t_start: float = 1.0) -> torch.Tensor:
     """Integrate from t_start to t_end in ``num_steps`` steps.
@@ -45,23 +63,10 @@ def dpm_solver_2s(denoise: Callable, schedule: DiscreteVPSchedule, x: torch.Tens
     j is the step (0 .. N-1) and ``stage`` 0 at the start of the step, 1 at its midpoint: the clock the
     caching runtime is told.
     """
-    ns = schedule
     grid = time_grid(num_steps, t_end, t_start).to(x.device)
     ones = torch.ones((x.shape[0],), device=x.device)
     for j in range(num_steps):
-        s, t = ones * grid[j], ones * grid[j + 1]  # (B,)
-        lambda_s, lambda_t = ns.lambda_(s), ns.lambda_(t)
-        h = lambda_t - lambda_s
-        s1 = ns.inverse_lambda(lambda_s + R1 * h)
-        sigma_s, sigma_s1, sigma_t = ns.sigma(s), ns.sigma(s1), ns.sigma(t)
-        alpha_s1, alpha_t = torch.exp(ns.log_alpha(s1)), torch.exp(ns.log_alpha(t))
-        phi_11, phi_1 = torch.expm1(-R1 * h), torch.expm1(-h)
-
-        x0_s = denoise(x, s, j, 0)
-        x_s1 = _col(sigma_s1 / sigma_s, x) * x - _col(alpha_s1 * phi_11, x) * x0_s
-        x0_s1 = denoise(x_s1, s1, j, 1)
-        x = (_col(sigma_t / sigma_s, x) * x - _col(alpha_t * phi_1, x) * x0_s
-             - (0.5 / R1) * _col(alpha_t * phi_1, x) * (x0_s1 - x0_s))
+        x = dpm_solver_2s_step(denoise, schedule, x, ones * grid[j], ones * grid[j + 1], j)  # (B,) times
     return x
 
 
