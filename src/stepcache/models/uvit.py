@@ -235,6 +235,16 @@ class UViT(nn.Module):
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
     @property
+    def in_channels(self) -> int:
+        """DiT's name for ``in_chans`` (data loaders and the CLI read it)."""
+        return self.in_chans
+
+    @property
+    def input_size(self) -> int:
+        """DiT's name for ``img_size``: the (latent) side of a sample."""
+        return self.config.img_size
+
+    @property
     def null_label(self) -> int:
         """The "no class" label used by classifier-free guidance: the last embedding row."""
         return self.num_classes - 1
