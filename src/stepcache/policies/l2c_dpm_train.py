@@ -166,3 +166,14 @@ def train_staged_router(model, data, cfg: StagedRouterTrainConfig, *, progress: 
             p.requires_grad_(flag)
     result.logits, result.seconds = router.table().cpu(), time.perf_counter() - start
     return result
+
+
+def random_placement(like: torch.Tensor, active: int, seed: int) -> torch.Tensor:
+    """Saturated logits recomputing ``active`` cache-step units at random places (rows 1..N-1 of a 2N-row
+    router): the baseline a trained router must beat at the same count."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.full_like(like, -30.0)
+    slots = [(j, u) for j in range(1, like.shape[0] // 2) for u in range(like.shape[1])]
+    for k in torch.randperm(len(slots), generator=g)[:active].tolist():
+        logits[slots[k]] = 30.0
+    return logits
