@@ -64,9 +64,9 @@ def bench(model, z, y, nfe: int, router: Path, threshold: float, repeats: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--router-dir", type=Path, required=True, help="folder with dpm20_router.pth / dpm50_router.pth")
-    ap.add_argument("--embed-dim", type=int, default=256, help="width (1152 for the real U-ViT-H/2)")
+    ap.add_argument("--embed-dim", type=int, default=128, help="width (1152 for the real U-ViT-H/2)")
     ap.add_argument("--heads", type=int, default=4, help="attention heads")
-    ap.add_argument("--n", type=int, default=2, help="samples (x2 rows with CFG)")
+    ap.add_argument("--n", type=int, default=1, help="samples (x2 rows with CFG)")
     ap.add_argument("--nfe", type=int, nargs="+", default=[50], choices=(20, 50), help="(default: %(default)s)")
     ap.add_argument("--threshold", type=float, default=0.9, help="(default: %(default)s, the reference's)")
     ap.add_argument("--repeats", type=int, default=3)
