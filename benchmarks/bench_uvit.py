@@ -5,7 +5,8 @@ DPM-Solver++(2S) and CFG 1.4 (the reference's scale 0.4) uncached and with the p
 (``--router-dir``: the ``ckpt`` folder of horseee/learning-to-cache's U-ViT; the files are not shipped)
 at the reference's threshold. Timing: one warm-up, then interleaved repeats, medians.
 
-    .venv/bin/python benchmarks/bench_uvit.py --router-dir /tmp/ref-uvit/U-ViT/ckpt --out benchmarks/results/uvit_bench.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_uvit.py --router-dir /tmp/ref-uvit/U-ViT/ckpt \\
+        --nfe 50 --repeats 2 --out benchmarks/results/uvit_bench.json
 """
 
 from __future__ import annotations
