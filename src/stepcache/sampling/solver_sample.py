@@ -136,23 +136,24 @@ def _publish(handle, j: int, num_steps: int, t_model: torch.Tensor, stage: int =
 
 def _solver_loop(model, eps, x, num_steps, handle, progress):
     schedule = training_schedule(model)
-
-    def eps_at(x_, t, j, stage):
-        t_model = continuous_time(model, t)  # (B,) float32
-        _publish(handle, j, num_steps, t_model, stage)
-        return eps(x_, t_model)
-
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=2 * num_steps, desc=f"dpm-solver++2s-{num_steps}", leave=False)
-        inner = eps_at
 
-        def eps_at(*args):  # noqa: F811 - the same call, counted
+    def eps_at(x_, t, j, stage):
+        t_model = continuous_time(model, t)  # (B,) float32
+        _publish(handle, j, num_steps, t_model, stage)
+        if bar is not None:
             bar.update(1)
-            return inner(*args)
+        return eps(x_, t_model)
 
-    return dpm_solver_2s(data_prediction(eps_at, schedule), schedule, x, num_steps)
+    try:
+        return dpm_solver_2s(data_prediction(eps_at, schedule), schedule, x, num_steps)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _ddpm_loop(model, eps, x, num_steps, sampler, handle, generator):
