@@ -24,7 +24,8 @@ import torch
 
 from stepcache.diffusion.discrete_vp import DiscreteVPSchedule, scaled_linear_betas
 from stepcache.diffusion.schedule import Diffusion, linear_betas
-from stepcache.errors import ConfigError
+from stepcache.errors import ConfigError, UnsupportedModelError
+from stepcache.models.dit import DiT
 from stepcache.models.uvit import UViT
 from stepcache.runtime.context import StepContext
 from stepcache.runtime.handle import apply, get_handle
@@ -57,6 +58,9 @@ def _check(model, noise, labels, num_steps, sampler, cfg_scale) -> None:
         raise ConfigError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}.")
     if noise.dim() != 4:
         raise ConfigError(f"noise must have shape (n, C, H, W), got {tuple(noise.shape)}.")
+    if not isinstance(model, (UViT, DiT)):
+        raise UnsupportedModelError(f"{sampler} sampling supports stepcache's DiT and UViT, not "
+                                    f"{type(model).__name__}.")
     if isinstance(model, UViT):
         c = model.config
         want, classes = (c.in_chans, c.img_size, c.img_size), model.num_classes - 1  # last row: null label
@@ -94,7 +98,7 @@ def noise_prediction(model, labels, cfg_scale: float, channels):
     """``eps(x (B, C, H, W), t_model (B,)) -> (B, C, H, W)``, guided when ``cfg_scale > 1``."""
     if isinstance(model, UViT):
         y = labels if model.num_classes > 0 else None
-        scale = round(cfg_scale - 1.0, 12)
+        scale = round(cfg_scale - 1.0, 12)  # 1.4 - 1 is 0.39999999999999991; the reference multiplies by 0.4
 
         def eps(x, t):
             if cfg_scale <= 1.0:
