@@ -41,6 +41,8 @@ def train_uvit(args, data: RouterData) -> tuple[stepcache.UViT, dict]:
     torch.manual_seed(args.seed)
     model = stepcache.UViT(img_size=16, patch_size=2, in_chans=1, embed_dim=args.width, depth=args.depth,
                            num_heads=args.heads, num_classes=11, conv=False)
+    if args.init_weights is not None:  # continue an earlier run (its EMA weights; the optimizer starts afresh)
+        model.load_state_dict(torch.load(args.init_weights, weights_only=True))
     ema = copy.deepcopy(model).requires_grad_(False)
     abar = torch.from_numpy(scaled_linear_betas()).float()
     abar = torch.cumprod(1 - abar, dim=0)  # abar[n - 1] for n = 1..1000
@@ -68,6 +70,7 @@ def train_uvit(args, data: RouterData) -> tuple[stepcache.UViT, dict]:
         if (it + 1) % 100 == 0:
             print(f"uvit iter {it + 1}: loss {statistics.mean(losses[-100:]):.4f}", flush=True)
     info = {"iters": args.train_iters, "batch_size": args.batch_size, "lr": args.lr,
+            "init_weights": str(args.init_weights) if args.init_weights else None,
             "seconds": time.perf_counter() - start, "final_loss_mean100": statistics.mean(losses[-100:])}
     return ema.eval(), info
 
@@ -90,6 +93,7 @@ def accuracy(images, labels) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=None, help="load the U-ViT state dict instead of training")
+    ap.add_argument("--init-weights", type=Path, default=None, help="start the U-ViT training from these weights")
     ap.add_argument("--save-weights", type=Path, default=None, help="write the trained U-ViT state dict here")
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--depth", type=int, default=6, help="in + out blocks (7 blocks with the mid block)")
