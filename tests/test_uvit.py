@@ -302,3 +302,16 @@ def test_cli_trains_and_samples_a_uvit(tmp_path, monkeypatch, capsys):
                  "--router", str(router), "--no-baseline", "--out-dir", str(out)]) == 0
     assert "4 model calls" in capsys.readouterr().out
     assert main(["sample", "--model", "U-ViT-H/2", "--out-dir", str(out)]) == 2  # no --ckpt: one sentence
+
+
+def test_remove_restores_the_plain_forward():
+    model = tiny_uvit()
+    z, y = inputs(model)
+    t = torch.tensor([500.0, 20.5])
+    with torch.no_grad():
+        before = model(z, t, y)
+        handle = stepcache.apply(model, L2C(router_for(model, 5), threshold=0.5))
+        with pytest.raises(ClockError):  # outside a sampling run the cached model refuses to guess the step
+            model(z, t, y)
+        handle.remove()
+        assert torch.equal(model(z, t, y), before)
