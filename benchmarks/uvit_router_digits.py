@@ -10,7 +10,14 @@
    decisions and by the fidelity of the final samples to the uncached ones (same seeds), plus the
    digit judge's class accuracy.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/uvit_router_digits.py --out benchmarks/results/uvit_router_digits.json
+The README's records (1 torch thread each):
+
+    python benchmarks/uvit_router_digits.py --train-iters 1000 --save-weights w1k.pth \\
+        --out benchmarks/results/uvit_router_digits.json
+    python benchmarks/uvit_router_digits.py --init-weights w1k.pth --train-iters 2000 --save-weights w3k.pth \\
+        --out benchmarks/results/uvit_router_digits_3k.json
+    python benchmarks/uvit_router_digits.py --weights w3k.pth --l1-weight 0.1 \\
+        --out benchmarks/results/uvit_router_digits_3k_l1_0.1.json
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ def main() -> None:
     ap.add_argument("--init-weights", type=Path, default=None, help="start the U-ViT training from these weights")
     ap.add_argument("--save-weights", type=Path, default=None, help="write the trained U-ViT state dict here")
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--depth", type=int, default=6, help="in + out blocks (7 blocks with the mid block)")
+    ap.add_argument("--depth", type=int, default=4, help="in + out blocks (5 blocks with the mid block)")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--train-iters", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=32)
