@@ -18,6 +18,8 @@ The README's records (1 torch thread each):
         --out benchmarks/results/uvit_router_digits_3k.json
     python benchmarks/uvit_router_digits.py --weights w3k.pth --l1-weight 0.1 \\
         --out benchmarks/results/uvit_router_digits_3k_l1_0.1.json
+    python benchmarks/uvit_router_digits.py --weights w1k.pth --l1-weight 0.1 \\
+        --out benchmarks/results/uvit_router_digits_l1_0.1.json
 """
 
 from __future__ import annotations
