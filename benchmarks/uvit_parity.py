@@ -196,6 +196,31 @@ def run_case(ref, model, ref_plain, z, y, nfe, router, thres, scale) -> dict:
     return case
 
 
+@torch.no_grad()
+def compare_dit_solver(ref, nfe: int = 20, cfg: float = 1.5) -> dict:
+    """DiT under DPM-Solver++(2S): the reference solver on DiT's linear betas, with the standard discrete-time
+    input 1000 (t - 1/1000) and DiT's own guidance, vs stepcache.sample(..., sampler="dpm-solver++2s")."""
+    from stepcache.diffusion.schedule import linear_betas
+    from stepcache.sampling.guidance import guided_forward
+    from tests.helpers import tiny_dit
+
+    dit = tiny_dit(depth=4)
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 7])
+    schedule = ref.dpm_solver_pp.NoiseScheduleVP(schedule="discrete", betas=torch.tensor(linear_betas()).float())
+
+    def model_fn(x, t):
+        t_in = (t - 1.0 / 1000) * 1000.0
+        out = guided_forward(dit, torch.cat([x, x]), torch.cat([t_in, t_in]), torch.cat([y, torch.full_like(y, 10)]),
+                             cfg_scale=cfg, channels=3)
+        return out[: x.shape[0], :4]
+
+    solver = ref.dpm_solver_pp.DPM_Solver(model_fn, schedule, predict_x0=True, thresholding=False)
+    a = solver.sample(z, steps=nfe, eps=1e-3, T=1.0, order=2, method="singlestep")
+    b = stepcache.sample(dit, z, y, num_steps=nfe // 2, sampler="dpm-solver++2s", cfg_scale=cfg)
+    return {"nfe": nfe, "cfg_scale": cfg, **diffs(a, b)}
+
+
 def unit_table(ref, model, ckpt: Path, thresholds) -> list:
     """The spec's active-unit table: the reference's load_ranking vs staged_active_units."""
     rows = []
@@ -277,6 +302,8 @@ def main() -> None:
     with torch.no_grad():
         report["forward"] = diffs(ref_plain(z, t, y), model(z, t, y))
     report["schedule"] = compare_schedule(ref)
+    report["dit_dpm_solver"] = compare_dit_solver(ref)
+    print(json.dumps({"dit_dpm_solver": report["dit_dpm_solver"]}), flush=True)
     cases = [(20, None, None), (50, None, None)]
     cases += [(nfe, ckpt / f"dpm{nfe}_router.pth", thres) for nfe in (20, 50) for thres in (0.1, 0.9)]
     report["sampling"] = []
