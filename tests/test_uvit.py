@@ -63,6 +63,8 @@ def test_h2_has_the_official_keys_and_size():
     assert sd["out_blocks.13.skip_linear.weight"].shape == (1152, 2304) and "in_blocks.0.skip_linear.weight" not in sd
     assert not any(k.startswith(("time_embed.", "final_layer.")) for k in sd)
     assert len(model.blocks) == 29 and model.null_label == 1000
+    inferred = infer_config(sd)  # what load_uvit reads from an official file's shapes
+    assert inferred == {k: v for k, v in vars(model.config).items() if k != "qk_scale"}
 
 
 def test_presets_and_bad_names():
