@@ -1,6 +1,8 @@
 """Parity with the peers' own code on tiny offline pipelines (random weights, no downloads): stepcache's
 policies take the same steps as diffusers' hooks (and cache-dit) and give the same latents."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -132,3 +134,47 @@ def test_dbcache_takes_cache_dits_decisions(family, front, back, threshold, warm
     assert _last_block_skips(stats, front) == their_cached
     assert _last_block_skips(stats, 0) == []
     assert torch.equal(ours, theirs)
+
+
+def _reference_modulated_input(block, args, kwargs):
+    """TeaCache's indicator written as its reference code does for each block type (block 0's norm1)."""
+    kwargs = inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
+    h = kwargs["hidden_states"]
+    name = type(block).__name__
+    if name in ("FluxTransformerBlock", "JointTransformerBlock"):
+        return block.norm1(h.clone(), emb=kwargs["temb"].clone())[0]
+    if block.norm_type == "ada_norm_zero":  # diffusers DiT
+        return block.norm1(h, kwargs["timestep"], kwargs["class_labels"], hidden_dtype=h.dtype)[0]
+    t = kwargs["timestep"]  # PixArt: ada_norm_single
+    shift, scale = (block.scale_shift_table[None] + t.reshape(h.shape[0], 6, -1)).chunk(6, dim=1)[:2]
+    return (torch.nn.functional.layer_norm(h, block.norm1.normalized_shape, eps=block.norm1.eps) * (1 + scale)
+            + shift).squeeze(1)
+
+
+@pytest.mark.parametrize("family,threshold", [("flux", 0.3), ("sd3", 0.3), ("pixart", 0.3), ("dit", 0.3)])
+def test_teacache_on_diffusers_families_follows_the_modulated_input(family, threshold):
+    from stepcache import TeaCache
+    from stepcache.policies.teacache import TeaState
+
+    build, run, _ = FAMILIES[family]
+    identity = (0.0, 0.0, 0.0, 1.0, 0.0)  # poly(rel) = rel: the decisions follow the raw indicator
+    base = run(build(), steps=STEPS)
+    pipe = build()
+    inputs = []
+    block0 = pipe.transformer.transformer_blocks[0]
+    hook = block0.register_forward_pre_hook(
+        lambda mod, args, kwargs: inputs.append(_reference_modulated_input(mod, args, kwargs)), with_kwargs=True)
+    with stepcache.apply(pipe, TeaCache(threshold, coefficients=identity)) as handle:
+        ours = run(pipe, steps=STEPS)
+        stats = handle.stats()
+    hook.remove()
+    state, want = TeaState(), []
+    for s, m in enumerate(inputs):
+        if state.step(s, STEPS, m, identity, threshold):
+            want.append(s)
+    assert len(inputs) == STEPS and want and 0 not in want and STEPS - 1 not in want
+    assert _last_block_skips(stats, 0) == want
+    assert stats.macs_policy > 0
+    assert not torch.equal(ours, base)
+    noop = TeaCache(1e-12, coefficients=identity)
+    assert torch.equal(_our_run(build, run, noop)[0], base)  # never skipping is exactly uncached

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from stepcache.adapters.base import Adapter, gather_tokens
+from stepcache.adapters.diffusers.probes import modulated_input, supports_modulated_input
 from stepcache.core.context import ModelInfo
 from stepcache.errors import ClockError, ConfigError
 from stepcache.core.hooks import AttrPatch, ForwardPatch
@@ -209,8 +210,12 @@ class DiffusersAdapter(Adapter):
 
     def info(self, model) -> ModelInfo:
         grid = self.default_grid(model)
-        return ModelInfo(depth=len(self.blocks(model)), num_tokens=grid[0] * grid[1], grid=grid,
-                         branches=self.branches, family=self.family, capabilities=self.capabilities,
+        blocks = self.blocks(model)
+        capabilities = self.capabilities
+        if blocks and supports_modulated_input(blocks[0][0]):
+            capabilities = capabilities | {"modulated_input"}
+        return ModelInfo(depth=len(blocks), num_tokens=grid[0] * grid[1], grid=grid,
+                         branches=self.branches, family=self.family, capabilities=frozenset(capabilities),
                          variant=self.variant)
 
     # ------------------------------------------------------------------ installation
@@ -242,8 +247,8 @@ class DiffusersAdapter(Adapter):
             for layer, (block, group) in enumerate(self.blocks(model)):
                 sites = tuple((s.branch, getattr(block, s.module).forward.site_macs) for s in group.sites
                               if getattr(block, s.module, None) is not None)
-                patches.append(ForwardPatch(block, lambda orig, l=layer, g=group, st=sites:
-                                            _span_block(orig, l, g, st, handle)))
+                patches.append(ForwardPatch(block, lambda orig, l=layer, g=group, st=sites, b=block:
+                                            _span_block(orig, l, g, st, handle, b)))
 
     def patch_blocks(self, model, handle, patches: list) -> None:
         """Family hook: replace block forwards (FLUX's single blocks) before the span wrappers go on."""
@@ -289,7 +294,7 @@ class DiffusersAdapter(Adapter):
         return per_image, per_text, per_row
 
 
-def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
+def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle, block=None):
     """A block routed through ``handle.block`` so that spans of blocks can be computed or skipped.
     The blocks' own adaLN work is part of the model's fixed work here (a skipped block's is still counted
     as executed: the accounting errs on the side of less saving)."""
@@ -300,8 +305,11 @@ def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
         call = _call_args(original, args, kwargs)
         h = call.arguments["hidden_states"]  # (B, T, D)
         run = lambda: original(*args, **kwargs)  # noqa: E731
+        probes = None
+        if layer == 0 and block is not None and supports_modulated_input(block):  # TeaCache's indicator
+            probes = {"modulated_input": lambda: modulated_input(block, call)}
         if not pair:
-            return handle.block(layer, h, run, sites=sites)
+            return handle.block(layer, h, run, sites=sites, probes=probes)
         e = call.arguments.get("encoder_hidden_states")  # (B, L, D) or None
         T = h.shape[1]
         x = h if e is None else torch.cat([h, e], dim=1)  # (B, T + L, D)
@@ -314,7 +322,7 @@ def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
         def passthrough(stream):
             return (stream[:, T:] if stream.shape[1] > T else None), stream[:, :T]
 
-        return handle.block(layer, x, run, sites=sites, hidden=hidden, passthrough=passthrough)
+        return handle.block(layer, x, run, sites=sites, hidden=hidden, passthrough=passthrough, probes=probes)
 
     return forward
 
