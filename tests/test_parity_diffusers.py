@@ -178,3 +178,27 @@ def test_teacache_on_diffusers_families_follows_the_modulated_input(family, thre
     assert not torch.equal(ours, base)
     noop = TeaCache(1e-12, coefficients=identity)
     assert torch.equal(_our_run(build, run, noop)[0], base)  # never skipping is exactly uncached
+
+
+@pytest.mark.parametrize("policy_name", ["fbcache", "magcache", "taylorseer"])
+def test_true_cfg_calls_keep_their_own_state_like_diffusers_contexts(policy_name):
+    """FLUX with true CFG calls the transformer twice per step ("cond", then "uncond" contexts in
+    diffusers); stepcache keeps one state per call of the step: the same latents, bit for bit."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    build, run, _ = FAMILIES["flux"]
+    cfg_run = lambda pipe, steps: run(pipe, steps=steps, cfg=2.0)  # noqa: E731
+    peer, ours_cfg = {
+        "fbcache": (FirstBlockCacheConfig(threshold=0.05), FBCache(0.05)),
+        "magcache": (MagCacheConfig(threshold=0.06, num_inference_steps=STEPS, mag_ratios=MAG_RATIOS),
+                     MagCache(threshold=0.06, mag_ratios=MAG_RATIOS)),
+        "taylorseer": (TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                             taylor_factors_dtype=torch.float32),
+                       TaylorSeer(interval=3, order=1, warmup=2, sites="attention")),
+    }[policy_name]
+    base = cfg_run(build(), STEPS)
+    theirs, _ = _peer_run(build, cfg_run, peer, False)
+    ours, stats = _our_run(build, cfg_run, ours_cfg)
+    assert stats.nfe == 2 * STEPS
+    assert (theirs - base).abs().max() > 1e-5
+    assert torch.equal(ours, theirs)
