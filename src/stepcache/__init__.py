@@ -19,7 +19,7 @@ from stepcache.policies.teacache import TeaCache
 from stepcache.policies.toca import ToCa
 from stepcache.sampling.sample import sample
 
-__version__ = "0.1.0"
+from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
     "DiT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
