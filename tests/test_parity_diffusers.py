@@ -202,3 +202,28 @@ def test_true_cfg_calls_keep_their_own_state_like_diffusers_contexts(policy_name
     assert stats.nfe == 2 * STEPS
     assert (theirs - base).abs().max() > 1e-5
     assert torch.equal(ours, theirs)
+
+
+NOOP_AND_ACTIVE = {
+    "taylorseer": (TaylorSeer(interval=1, order=1, warmup=1), TaylorSeer(interval=3, order=2, warmup=2)),
+    "fbcache": (FBCache(1e-12), FBCache(0.5)),
+    "magcache": (MagCache(retention_ratio=1.0, mag_ratios=MAG_RATIOS), MagCache(0.2, mag_ratios=MAG_RATIOS)),
+    "teacache": (stepcache.TeaCache(1e-12, coefficients=(0, 0, 0, 1, 0)),
+                 stepcache.TeaCache(0.5, coefficients=(0, 0, 0, 1, 0))),
+    "dbcache": (stepcache.DBCache(front=1, threshold=1e-12, warmup=0), stepcache.DBCache(front=1, threshold=0.5,
+                                                                                       warmup=2)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", list(NOOP_AND_ACTIVE))
+def test_every_method_on_every_family_noop_exact_active_saves_work(family, method):
+    build, run, _ = FAMILIES[family]
+    noop, active = NOOP_AND_ACTIVE[method]
+    base = run(build(), steps=STEPS)
+    same, noop_stats = _our_run(build, run, noop)
+    assert torch.equal(same, base)
+    assert noop_stats.macs_executed >= noop_stats.macs_uncached  # nothing saved, the policy's own work counted
+    changed, stats = _our_run(build, run, active)
+    assert not torch.equal(changed, base)
+    assert stats.macs_executed < stats.macs_uncached and stats.peak_cache_bytes > 0
