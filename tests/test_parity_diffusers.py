@@ -227,3 +227,40 @@ def test_every_method_on_every_family_noop_exact_active_saves_work(family, metho
     changed, stats = _our_run(build, run, active)
     assert not torch.equal(changed, base)
     assert stats.macs_executed < stats.macs_uncached and stats.peak_cache_bytes > 0
+
+
+def _build_flux_bf16():
+    pipe = FAMILIES["flux"][0]()
+    pipe.transformer.to(torch.bfloat16)
+    return pipe
+
+
+def _run_flux_bf16(pipe, steps):
+    from test_diffusers import _embeds, _latents
+
+    pe, _ = _embeds((0,), 6, 32, 0)
+    pp = torch.randn(1, 32, generator=torch.Generator().manual_seed(7))
+    return pipe(prompt=None, prompt_embeds=pe.bfloat16(), pooled_prompt_embeds=pp.bfloat16(), height=64, width=64,
+                latents=_latents((0,), (16, 16)).bfloat16(), num_inference_steps=steps, output_type="latent").images
+
+
+@pytest.mark.parametrize("method", ["taylorseer-f32", "taylorseer-bf16", "fbcache", "magcache"])
+def test_bfloat16_flux_equals_diffusers_hooks(method):
+    """In bf16 the indicators are bf16-rounded and the Taylor factors kept in ``factors_dtype``, as the peers do."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    peer, ours_cfg = {
+        "taylorseer-f32": (TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2, max_order=2,
+                                                 taylor_factors_dtype=torch.float32),
+                           TaylorSeer(interval=3, order=2, warmup=2, sites="attention")),
+        "taylorseer-bf16": (TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2),  # its default
+                            TaylorSeer(interval=3, order=1, warmup=2, sites="attention", factors_dtype="bfloat16")),
+        "fbcache": (FirstBlockCacheConfig(threshold=0.05), FBCache(0.05)),
+        "magcache": (MagCacheConfig(threshold=0.06, num_inference_steps=STEPS, mag_ratios=MAG_RATIOS),
+                     MagCache(0.06, mag_ratios=MAG_RATIOS)),
+    }[method]
+    base = _run_flux_bf16(_build_flux_bf16(), STEPS)
+    theirs, _ = _peer_run(_build_flux_bf16, _run_flux_bf16, peer, False)
+    ours, stats = _our_run(_build_flux_bf16, _run_flux_bf16, ours_cfg)
+    assert ours.dtype == torch.bfloat16 and not torch.equal(theirs, base)
+    assert torch.equal(ours, theirs)
