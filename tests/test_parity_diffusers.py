@@ -264,3 +264,27 @@ def test_bfloat16_flux_equals_diffusers_hooks(method):
     ours, stats = _our_run(_build_flux_bf16, _run_flux_bf16, ours_cfg)
     assert ours.dtype == torch.bfloat16 and not torch.equal(theirs, base)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family,threshold,warmup", [("flux", 0.1, 2), ("flux", 0.1, 4), ("dit", 0.05, 2),
+                                                     ("pixart", 0.05, 3)])
+def test_dbcache_taylorseer_equals_cache_dit_calibrator(family, threshold, warmup):
+    """cache-dit's TaylorSeer calibrator takes its first difference at step 3: TaylorSeer(order=1, warmup=4)."""
+    cache_dit = pytest.importorskip("cache_dit")
+    from cache_dit.caching.cache_contexts.calibrators import TaylorSeerCalibratorConfig
+
+    build, run, _ = FAMILIES[family]
+    pipe = build()
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=warmup),
+        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1))
+    try:
+        theirs = run(pipe, steps=STEPS)
+        their_cached = cache_dit.summary(pipe)[0].cached_steps
+    finally:
+        cache_dit.disable_cache(pipe)
+    policy = stepcache.DBCache(front=1, threshold=threshold, warmup=warmup, forecast=TaylorSeer(order=1, warmup=4))
+    ours, stats = _our_run(build, run, policy)
+    forecast = sorted(STEPS - 1 - i for i in stats.steps() if stats.kinds[i].get("1.attn") == "forecast")
+    assert their_cached and forecast == their_cached
+    assert torch.equal(ours, theirs)
