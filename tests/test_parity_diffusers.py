@@ -288,3 +288,28 @@ def test_dbcache_taylorseer_equals_cache_dit_calibrator(family, threshold, warmu
     forecast = sorted(STEPS - 1 - i for i in stats.steps() if stats.kinds[i].get("1.attn") == "forecast")
     assert their_cached and forecast == their_cached
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family,norm", [("dit", "norm3"), ("pixart", "norm2"), ("sd3", "norm2")])
+def test_norms_feeding_a_forecast_branch_are_skipped_without_changing_the_output(family, norm, monkeypatch):
+    from stepcache.adapters.diffusers.common import DiffusersAdapter
+
+    build, run, _ = FAMILIES[family]
+    policy = TaylorSeer(interval=3, order=2, warmup=2)
+    widths = []
+
+    def traced_run():
+        pipe = build()
+        hook = getattr(pipe.transformer.transformer_blocks[0], norm).register_forward_hook(
+            lambda _m, _i, out: widths.append(out.shape[1]))
+        with stepcache.apply(pipe, policy):
+            out = run(pipe, steps=STEPS)
+        hook.remove()
+        return out
+
+    fast = traced_run()
+    skipped, widths[:] = list(widths), []
+    monkeypatch.setattr(DiffusersAdapter, "skip_unused_norms", False)
+    slow = traced_run()
+    assert torch.equal(fast, slow)
+    assert 1 in skipped and 1 not in widths  # forecast steps normalised one token instead of all

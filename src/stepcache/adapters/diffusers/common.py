@@ -386,13 +386,13 @@ def _branch_extras(handle) -> set:
 
 
 def _skippable_norm(original, site, layer, handle):
-    """A norm that feeds only ``site``: when the policy will reuse the site (decided ahead through
+    """A norm that feeds only ``site``: when the policy will reuse or forecast the site (decided ahead through
     ``handle.peek``), return one token instead of normalising all of them; the block's elementwise
     modulation broadcasts it and the reused site ignores its input, so the block output is unchanged."""
 
     def forward(x, *args, **kwargs):  # (B, T, D)
         action = handle.peek(layer, site.branch)
-        if action is not None and action.kind == "reuse":
+        if action is not None and action.kind in ("reuse", "emit"):  # the site ignores its input
             return x[:, :1]
         return original(x, *args, **kwargs)
 
