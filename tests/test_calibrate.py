@@ -60,3 +60,18 @@ def test_recorded_ratios_equal_diffusers_magcache_calibration(family, capsys, on
     assert len(theirs) == steps and ours["num_steps"] == steps
     assert ours["mag_ratios"] == pytest.approx(theirs, rel=0, abs=0)
     assert len(ours["teacache_coefficients"]) == 5 and ours["pairs"] == steps - 1  # block 0's modulated input
+
+
+def test_calibrate_cli_on_a_saved_diffusers_pipeline(tmp_path, capsys, one_thread):
+    pytest.importorskip("diffusers")
+    from test_diffusers import build_dit
+
+    folder = tmp_path / "tiny-dit"
+    build_dit().save_pretrained(folder)
+    out = tmp_path / "dit.json"
+    code = main(["calibrate", "--pipeline", str(folder), "--num-samples", "2", "--num-sampling-steps", "6",
+                 "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["family"] == "diffusers.DiTTransformer2DModel" and len(record["mag_ratios"]) == 6
+    assert record["teacache_pairs"] == 2 * 5 and len(record["teacache_coefficients"]) == 5
