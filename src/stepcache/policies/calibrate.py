@@ -109,8 +109,8 @@ def calibrate(model, run: Callable[[], Any], *, repeats: int = 1) -> dict:
         raise ConfigError("The calibration run never called the model under a sampling clock.")
     num_steps = len(records[0].ratios)
     ratios = mean_ratios([r.ratios for r in records])
-    result = {"family": handle.info.family, "num_steps": num_steps, "mag_ratios": ratios, "teacache_coefficients": None, "teacache_r2": None,
-              "pairs": 0}
+    result = {"family": handle.info.family, "num_steps": num_steps, "mag_ratios": ratios,
+              "teacache_coefficients": None, "teacache_r2": None, "pairs": 0}
     if recorder.teacache:
         x = [v for r in records for v in r.x]
         y = [v for r in records for v in r.y]
