@@ -203,8 +203,8 @@ class TaylorSeries:
         self.factors, self.last_step = [], None
 
     def update(self, feature: torch.Tensor, s: int) -> None:
-        if self.last_step is not None and s == self.last_step:
-            raise ConfigError(f"TaylorSeer was refreshed twice at step {s}; each step must be refreshed once.")
+        if s == self.last_step:  # a second solver stage of the same step: the step's first value stands
+            return
         distance = 0 if self.last_step is None else s - self.last_step
         difference = self.last_step is not None and s >= self.differences_from
         self.factors = update_factors(self.factors, feature, distance, self.max_order, difference=difference,
@@ -219,13 +219,6 @@ class TaylorSeries:
 
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.factors)
-
-
-def last_full_step(s: int, config: TaylorSeer) -> int:
-    """The latest full step at or before ``s``."""
-    while not is_full_step(s, config):
-        s -= 1
-    return s
 
 
 # Branch sites forecast under sites="attention": the modules diffusers' default patterns hook (names
@@ -270,6 +263,8 @@ class TaylorSeerPolicy(Policy):
             return
         slots = result.memory
         old, prev = slots.get("F", []), slots.get("s")
+        if prev == s:  # a second solver stage of the same step: the step's first value stands
+            return
         slots["F"] = update_factors(old, result.output, 0 if prev is None else s - prev, self.config.order,
                                     difference=prev is not None and takes_differences(s, self.config),
                                     dtype=self.dtype, rules=self.config.rules)
