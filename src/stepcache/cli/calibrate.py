@@ -76,10 +76,20 @@ def _pipeline_runs(args):
     return pipe, str(args.pipeline), run_k
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an unusable --out before any sampling (minutes of work lost otherwise)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the JSON file to write.")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--out {out} cannot be written: {parent} is a file, not a folder.")
+
+
 def run(args) -> int:
     from stepcache.policies.calibrate import calibrate
     from stepcache.policies.calibrate_math import write_calibration
 
+    _check_out(args.out)
     target, name, run_k = _pipeline_runs(args) if args.pipeline else _native_runs(args)
     counter = iter(range(args.num_samples))
     result = calibrate(target, lambda: run_k(next(counter)), repeats=args.num_samples)
