@@ -143,9 +143,9 @@ def build_policy(args, model=None):
     method, params = chosen_settings(args)
     if method == "none":
         return None
-    params = {k: convert(method, k, v) for k, v in params.items()}
-    if method == "l2c":
+    if method == "l2c":  # the router is a file, read (and checked) by L2C.from_checkpoint
         return _l2c(args, params, model)
+    params = {k: convert(method, k, v) for k, v in params.items()}
     return PolicyConfig.from_dict({"method": method, **params})
 
 
