@@ -78,8 +78,8 @@ def resolve_ratios(config: MagCache, family: str) -> tuple[float, ...]:
         return config.mag_ratios
     ratios = published(TABLE, "mag_ratios", family)
     if ratios is None:
-        raise ConfigError(f"MagCache has no magnitude ratios for {family}; run `stepcache calibrate --method "
-                          f"magcache --model ...` and pass MagCache(mag_ratios=<the written file>).")
+        raise ConfigError(f"MagCache has no magnitude ratios for {family}; run `stepcache calibrate --model ... "
+                          f"--out FILE` and pass MagCache(mag_ratios=FILE) (CLI: --mag-ratios FILE).")
     return ratios
 
 
