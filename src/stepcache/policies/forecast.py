@@ -9,7 +9,7 @@ and MLP outputs of skipped steps by a forecast from the last full steps, but
   latest spacing only, which is exact for order 1 on a uniform grid but biased where spacings differ
   (after the warm-up, or on any non-uniform schedule);
 - the full steps are a free schedule: a spaced one (``num_full`` steps, denser towards the end for
-  ``power < 1``, where a DiT's features change fastest relative to the image detail they carry), or
+  ``power > 1``: on the embedded DiT the last steps, which settle the fine detail, gain most), or
   one learned for a model with :func:`stepcache.training.forecast_schedule.learn_schedule` (end-to-end
   fidelity on calibration seeds) and given as ``full_steps``.
 
@@ -29,11 +29,11 @@ from stepcache.errors import ConfigError, ModelMismatchError
 
 def spaced_schedule(num_steps: int, num_full: int, power: float) -> tuple[int, ...]:
     """``num_full`` full steps in 0..S-1: 0 and 1 (two values to extrapolate from), then
-    ``round((S-1) (j / (K-1)) ** power)``: power 1 uniform, < 1 denser towards the end."""
+    ``round((S-1) (1 - (1 - j / (K-1)) ** power))``: power 1 uniform, > 1 denser towards the end."""
     S, K = num_steps, min(num_full, num_steps)
     if K <= 2:
         return tuple(range(K))
-    steps = {0, 1} | {round((S - 1) * (j / (K - 1)) ** power) for j in range(K)}
+    steps = {0, 1} | {round((S - 1) * (1 - (1 - j / (K - 1)) ** power)) for j in range(K)}
     steps = sorted(steps)
     while len(steps) < K:  # rounding merged some: split the widest gap
         gaps = [(b - a, a) for a, b in zip(steps, steps[1:])]
@@ -47,18 +47,18 @@ def spaced_schedule(num_steps: int, num_full: int, power: float) -> tuple[int, .
 
 @dataclass(frozen=True)
 class Forecast(PolicyConfig):
-    """``Forecast(num_full=15, power=0.6, order=2)`` or ``Forecast(full_steps=(0, 1, ...), num_steps=50)``.
+    """``Forecast(num_full=15, power=2.0, order=2)`` or ``Forecast(full_steps=(0, 1, ...), num_steps=50)``.
 
     full_steps: explicit full steps (steps taken: 0 = first), e.g. a learned schedule; it fixes
         ``num_steps``, the step count it was made for. Empty: the spaced schedule below.
-    num_full / power: the spaced schedule of ``num_full`` full steps (power 1 uniform, < 1 denser late).
+    num_full / power: the spaced schedule of ``num_full`` full steps (power 1 uniform, > 1 denser late).
     order: degree of the extrapolating polynomial (1 linear, 2 quadratic, ...).
     """
 
     full_steps: tuple = ()
     num_steps: int | None = None
     num_full: int = 15
-    power: float = 0.6
+    power: float = 2.0
     order: int = 2
     method: ClassVar[str] = "forecast"
 
@@ -88,7 +88,7 @@ class Forecast(PolicyConfig):
 
     @classmethod
     def search_space(cls) -> dict[str, list]:
-        return {"num_full": [10, 12, 15, 18, 22], "power": [0.5, 0.7, 1.0], "order": [1, 2]}
+        return {"num_full": [10, 12, 15, 18, 22], "power": [1.5, 2.0, 2.5], "order": [1, 2]}
 
 
 def lagrange_weights(points: list[int], s: int) -> list[float]:

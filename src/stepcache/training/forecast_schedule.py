@@ -18,7 +18,7 @@ from stepcache.eval.fidelity import psnr
 from stepcache.policies.forecast import Forecast, spaced_schedule
 from stepcache.sampling.sample import sample
 
-POWERS = (0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
+POWERS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 
 
 @dataclass
