@@ -3,7 +3,7 @@ measured wall-clock speedup against the ideal one from executed MACs (forecast a
 indicators counted as work).
 
 2 labels with CFG (4 rows), DDIM-50 by default. MagCache and TeaCache are calibrated on this model
-first (``stepcache.policies.calibrate``: magnitude ratios, TeaCache polynomial). Timings: a warm-up
+first (``stepcache.training.calibrate``: magnitude ratios, TeaCache polynomial). Timings: a warm-up
 of every policy, then ``--repeats`` rounds in which the baseline and every policy take turns; the
 speedup is the median over rounds of (baseline time / policy time) of the same round.
 
@@ -40,7 +40,7 @@ def timed(model, z, y, args, policy):
 
 
 def calibrated(model, z, y, args) -> dict:
-    from stepcache.policies.calibrate import calibrate
+    from stepcache.training.calibrate import calibrate
 
     found = calibrate(model, lambda: stepcache.sample(model, z, y, args.steps, args.sampler, 1.5))
     return {"magcache": {"mag_ratios": tuple(found["mag_ratios"])},

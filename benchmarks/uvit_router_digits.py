@@ -4,7 +4,7 @@
    the embedded digits' training split with U-ViT's discrete recipe: Stable Diffusion's betas, n uniform
    in 1..1000, epsilon-prediction MSE, label dropout 0.1 (null label 10), AdamW, EMA weights
    (or loads them with --weights).
-2. Trains a DPM-Solver++(2S) router (policies/l2c_dpm_train.py, the reference's objective).
+2. Trains a DPM-Solver++(2S) router (training/l2c_dpm.py, the reference's objective).
 3. Compares, at the same number of recomputed cache-step units: the trained router, random placements
    (3 seeds), and skipping every unit of every cache step — by the objective's error of the hard
    decisions and by the fidelity of the final samples to the uncached ones (same seeds), plus the
@@ -41,7 +41,7 @@ from stepcache.eval.fidelity import fidelity
 from stepcache.models.embedded import digits_data
 from stepcache.training.l2c_data import RouterData
 from stepcache.policies.l2c_dpm import staged_active_units
-from stepcache.policies.l2c_dpm_train import (StagedRouterTrainConfig, random_placement, staged_router_error,
+from stepcache.training.l2c_dpm import (StagedRouterTrainConfig, random_placement, staged_router_error,
                                               train_staged_router)
 
 

@@ -10,7 +10,7 @@ import torch
 import stepcache
 from stepcache import MagCache, TeaCache
 from stepcache.cli.main import main
-from stepcache.policies.calibrate import calibrate
+from stepcache.training.calibrate import calibrate
 
 
 def test_calibrate_cli_writes_a_file_the_configs_load(tmp_path, capsys, one_thread):

@@ -269,7 +269,7 @@ def test_other_policies_run_on_uvit(sampler):
 # ---------------------------------------------------------------------------------------------- training
 def test_trained_router_beats_random_placement():
     from stepcache.training.l2c_data import RouterData
-    from stepcache.policies.l2c_dpm_train import (StagedRouterTrainConfig, random_placement, staged_router_error,
+    from stepcache.training.l2c_dpm import (StagedRouterTrainConfig, random_placement, staged_router_error,
                                                   train_staged_router)
 
     model = tiny_uvit(depth=4)

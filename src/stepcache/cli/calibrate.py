@@ -86,7 +86,7 @@ def _check_out(out: Path) -> None:
 
 
 def run(args) -> int:
-    from stepcache.policies.calibrate import calibrate
+    from stepcache.training.calibrate import calibrate
     from stepcache.policies.calibrate_math import write_calibration
 
     _check_out(args.out)

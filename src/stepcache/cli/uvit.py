@@ -35,11 +35,11 @@ def load(args):
 
 
 def train_router(args) -> int:
-    """``stepcache train-router --model U-ViT-...``: the U-ViT objective (policies/l2c_dpm_train.py)."""
+    """``stepcache train-router --model U-ViT-...``: the U-ViT objective (training/l2c_dpm.py)."""
     from stepcache.policies.l2c import save_router
     from stepcache.training.l2c_data import load_data
     from stepcache.policies.l2c_dpm import staged_active_units
-    from stepcache.policies.l2c_dpm_train import StagedRouterTrainConfig, train_staged_router
+    from stepcache.training.l2c_dpm import StagedRouterTrainConfig, train_staged_router
     from stepcache.training.l2c import model_identity
     from stepcache.sampling.ddp import init_distributed
 

@@ -88,9 +88,9 @@ def calibrate(model, run: Callable[[], Any], *, repeats: int = 1) -> dict:
     """Run ``run()`` (one sampling run of ``model``, a model or pipeline) ``repeats`` times under a
     :class:`Recorder`; returns ``{"family", "num_steps", "mag_ratios", "teacache_coefficients", "teacache_r2",
     "pairs"}`` (TeaCache entries None when the adapter has no modulated-input probe)."""
-    import stepcache
+    from stepcache.api import apply
 
-    handle = stepcache.apply(model, Recorder())
+    handle = apply(model, Recorder())
     recorder: RecorderPolicy = handle.handler
 
     def hook(module, args, output):
