@@ -66,7 +66,8 @@ class Rope(nn.Module):
         angles = (pos[:, None] * self.freqs[None]).repeat_interleave(2, dim=-1)  # (T, hd): (n r) with r = 2
         pairs = x.unflatten(-1, (-1, 2))  # (..., T, hd/2, 2)
         rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (-b, a) per pair
-        return x * angles.cos() + rotated * angles.sin()
+        # contiguous: matmul rounds differently on a strided (head-permuted) operand
+        return (x * angles.cos() + rotated * angles.sin()).contiguous()
 
 
 class Attention(nn.Module):
