@@ -53,11 +53,11 @@ from stepcache.policies.base import ModelInfo, PolicyConfig, PolicyHandler, regi
 from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial
 
 SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerwise", "linear-layerwise",
-             "linear-mode", "ToCa-pixart")
+             "linear-mode", "ToCa-pixart", "ToCa")  # "ToCa": OpenSora's (toca_opensora.py)
 # (step weight, layer weight) of the schedules of the form ratio * layer_f * step_f * module_f.
 _PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
 DECISIONS = ("reference", "per-step")
-VARIANTS = ("auto", "dit", "pixart")
+VARIANTS = ("auto", "dit", "pixart", "opensora")  # opensora: policies/toca_opensora.py
 PIXART_FAMILY = "diffusers.PixArtTransformer2DModel"
 # Settings a ToCa() leaves unset (None) take the reference's values of the variant in use.
 VARIANT_DEFAULTS = {
@@ -137,7 +137,9 @@ class ToCa(PolicyConfig):
             if cfg.score not in PIXART_SCORES:
                 raise ConfigError(f"ToCa score {cfg.score!r} is not available under the PixArt variant; choose one "
                                   f"of {', '.join(PIXART_SCORES)}.")
-        elif cfg.schedule == "ToCa-pixart":
+        if cfg.schedule == "ToCa":
+            raise ConfigError("ToCa schedule 'ToCa' belongs to the OpenSora variant (STDiT3).")
+        if variant == "dit" and cfg.schedule == "ToCa-pixart":
             raise ConfigError("ToCa schedule 'ToCa-pixart' belongs to the PixArt variant (variant='pixart').")
         return cfg
 
@@ -236,6 +238,14 @@ def full_steps(cfg: ToCa, num_steps: int, depth: int = 28) -> tuple[list[int], l
 class ToCaHandler(PolicyHandler):
     """Per-run state: refresh interval, per-layer staleness counters (rows, T) int32, and the
     score inputs of the last full step (attention received or value norms, (rows, T))."""
+
+    def __new__(cls, config: ToCa, info: ModelInfo):
+        """STDiT3 (or variant="opensora") gets the OpenSora variant's handler (policies/toca_opensora.py)."""
+        from stepcache.policies import toca_opensora as opensora
+
+        if config.variant == "opensora" or (config.variant == "auto" and info.family == opensora.FAMILY):
+            return opensora.OpenSoraToCaHandler(config, info)
+        return super().__new__(cls)
 
     needs_tokens: ClassVar[bool] = True  # the runtime shows us the MLP input x (B, T, D) first
     token_branches: ClassVar[tuple] = ("mlp", "cross")  # others ("attn", ...) may be decided ahead
