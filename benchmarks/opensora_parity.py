@@ -34,6 +34,18 @@ from tests.stdit3_helpers import tiny_stdit3, video_inputs  # noqa: E402
 SMALL = dict(depth=28, hidden_size=32, num_heads=2, caption_channels=32, model_max_length=12)
 LATENT = (4, 5, 8, 10)  # (C, T, H, W): 5 frames of 4 x 5 patches, N = 100 tokens per row
 SIZES = dict(height=240.0, width=426.0, num_frames=51.0, fps=24.0)  # 240p 9:16, 51 frames
+# Non-default options checked at 10 steps, batch 1: (name, ToCa kwargs, reference cache arguments).
+OPTIONS = [
+    ("constant-schedule", dict(schedule="constant"), dict(ratio_scheduler="constant")),  # cross cuts k > 0
+    ("linear-similarity", dict(schedule="linear", score="similarity"),
+     dict(ratio_scheduler="linear", cache_type="similarity")),
+    ("exp-norm", dict(schedule="exp", score="norm"), dict(ratio_scheduler="exp", cache_type="norm")),
+    ("layerwise-straight", dict(schedule="layerwise", score="straight"),
+     dict(ratio_scheduler="layerwise", cache_type="straight")),
+    ("linear-mode-random", dict(schedule="linear-mode", score="random", fresh_ratio=0.3),
+     dict(ratio_scheduler="linear-mode", cache_type="random", fresh_ratio=0.3)),
+    ("fora", dict(fresh_ratio=0.0), dict(fresh_ratio=0.0)),
+]
 TOCA_ARGS = dict(cache_type="attention", ratio_scheduler="ToCa", fresh_ratio=0.1, fresh_threshold=3,
                  force_fresh="global", soft_fresh_weight=0.25)
 
@@ -66,21 +78,70 @@ class _TextStub:
         return self.model.y_embedder.y_embedding[None].repeat(n, 1, 1)[:, None]
 
 
-def run_reference(ref, twin, z, y, mask, steps: int, cached: bool):
+class _Recorder:
+    """Wraps the reference's ``global_force_fresh`` and ``cache_cutfresh`` (in its stdit3 module) to record
+    which modules ran full at each step, how many tokens each cut recomputed, and the score gap at each top-k
+    boundary (recomputed with the reference's own ``score_evaluate`` before the cut; deterministic scores)."""
+
+    def __init__(self, ref):
+        self.ref, self.full, self.cuts, self.gaps = ref, {}, {}, []
+        self.score_evaluate = ref.cache.score_evaluate
+
+    def force_fresh(self, original):
+        def wrapped(cache_dic, current):
+            flags = original(cache_dic, current)
+            kind = "temporal" if current["flag"] == -1 else "spatial"
+            for module, full in flags.items():
+                self.full.setdefault((kind, module), set()).update([current["step"]] if full else [])
+            return flags
+
+        return wrapped
+
+    def cutfresh(self, original):
+        def wrapped(cache_dic, tokens, current):
+            share = self.ref.cache.fresh_ratio_scheduler(cache_dic, current)
+            k = int(torch.clamp(torch.tensor(share), min=0, max=1) * tokens.shape[1])
+            if cache_dic["cache_type"] != "random" and 0 < k < tokens.shape[1]:
+                ordered = self.score_evaluate(cache_dic, tokens, current).sort(dim=-1, descending=True)[0]
+                self.gaps.append(float((ordered[:, k - 1] - ordered[:, k]).min()))
+            index, fresh = original(cache_dic, tokens, current)
+            self.cuts.setdefault(current["module"], {}).setdefault(current["step"], set()).add(index.shape[1])
+            return index, fresh
+
+        return wrapped
+
+
+def run_reference(ref, twin, z, y, mask, steps: int, cached: bool, recorder: _Recorder | None = None,
+                  options: dict | None = None):
     n = z.shape[0]
     args = {k: torch.tensor([v] * n) for k, v in SIZES.items()}
     args.update(TOCA_ARGS)
+    args.update(options or {})
     sampler = ref.rf.RFLOW(num_sampling_steps=steps, cfg_scale=7.0, use_timestep_transform=True)
     module = ref.stdit3
-    original = module.global_force_fresh
+    saved = module.global_force_fresh, module.cache_cutfresh
     if not cached:
         module.global_force_fresh = lambda cache_dic, current: {"attn": True, "cross-attn": True, "mlp": True}
+    elif recorder is not None:
+        module.global_force_fresh = recorder.force_fresh(saved[0])
+        module.cache_cutfresh = recorder.cutfresh(saved[1])
     try:
         with torch.no_grad():
             return sampler.sample(twin, _TextStub(y, mask, twin), z.clone(), ["p"] * n, "cpu",
                                   additional_args=args, progress=False)
     finally:
-        module.global_force_fresh = original
+        module.global_force_fresh, module.cache_cutfresh = saved
+
+
+def reference_report(rec: _Recorder) -> dict:
+    """The reference's full-step lists (per block kind and module) and per-step cut sizes."""
+    names = {"attn": "attn", "cross-attn": "cross", "mlp": "mlp"}
+    out = {f"full_steps_{kind}_{names[m]}": sorted(steps) for (kind, m), steps in rec.full.items()}
+    for module, per_step in rec.cuts.items():
+        out[f"cut_tokens_{names[module]}"] = {s: sorted(v) for s, v in sorted(per_step.items())}
+    out["min_topk_gap"] = min(rec.gaps) if rec.gaps else None
+    out["topk_cuts_checked"] = len(rec.gaps)
+    return out
 
 
 def run_ours(model, z, y, mask, steps: int, policy=None):
@@ -104,7 +165,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--toca", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--options", action=argparse.BooleanOptionalAction, default=True,
+                        help="also check the non-default ToCa options at 10 steps")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--dump-fixture", type=Path, default=None,
+                        help="save the reference's final latents of the tiny test model (tests/test_stdit3.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import opensora_ref
@@ -119,16 +184,31 @@ def main(argv=None) -> int:
             modes = [("uncached", None)] + ([("toca", stepcache.ToCa())] if args.toca else [])
             for name, policy in modes:
                 t0 = time.perf_counter()
-                a = run_reference(ref, twin, z, y, mask, steps, cached=policy is not None)
+                rec = _Recorder(ref) if policy is not None else None
+                a = run_reference(ref, twin, z, y, mask, steps, cached=policy is not None, recorder=rec)
                 t1 = time.perf_counter()
                 b, stats = run_ours(model, z, y, mask, steps, policy)
                 t2 = time.perf_counter()
                 row = {**diff(a, b), "seconds_reference": t1 - t0, "seconds_stepcache": t2 - t1}
-                if policy is not None and stats is not None:
+                if policy is not None:
                     row["stats"] = policy_report(stats, steps)
+                    row["reference"] = reference_report(rec)
+                    row["same_decisions"] = same_decisions(row["stats"], row["reference"], steps)
                 key = f"{name}-{steps}-batch{n}"
                 results["runs"][key] = row
-                print(key, {k: v for k, v in row.items() if k != "stats"}, flush=True)
+                print(key, {k: v for k, v in row.items() if k not in ("stats", "reference")}, flush=True)
+    if args.dump_fixture:
+        dump_fixture(ref, args.dump_fixture)
+    if args.options:
+        z, y, mask = video_inputs(model, 1, LATENT, args.seed + 11, text_len=7)
+        for name, ours_kw, ref_kw in OPTIONS:
+            torch.manual_seed(args.seed + 99)  # the random score draws from the global RNG in both
+            a = run_reference(ref, twin, z, y, mask, 10, cached=True, options=ref_kw)
+            torch.manual_seed(args.seed + 99)
+            b, stats = run_ours(model, z, y, mask, 10, stepcache.ToCa(**ours_kw))
+            row = {**diff(a, b), "ideal_speedup": stats.ideal_speedup}
+            results["runs"][f"toca-{name}-10-batch1"] = row
+            print(f"toca-{name}-10-batch1", row, flush=True)
     results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["torch"] = torch.__version__
     if args.out:
@@ -137,6 +217,30 @@ def main(argv=None) -> int:
     worst = max(r["max_rel_diff"] for r in results["runs"].values())
     print(f"worst relative difference {worst:.3g}")
     return 0 if worst <= 1e-4 else 1
+
+
+def dump_fixture(ref, path: Path, steps: int = 10) -> None:
+    """Reference outputs of the tiny seeded model of tests/stdit3_helpers.py (seed 0, one sample)."""
+    model = tiny_stdit3(0)
+    twin = reference_twin(ref, model)
+    z, y, mask = video_inputs(model, 1)
+    fixture = {"steps": steps, "sizes": SIZES, "latent": tuple(z.shape[1:]),
+               "uncached": run_reference(ref, twin, z, y, mask, steps, cached=False),
+               "toca": run_reference(ref, twin, z, y, mask, steps, cached=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(fixture, path)
+    print(f"fixture written to {path}")
+
+
+def same_decisions(ours: dict, ref: dict, steps: int) -> bool:
+    """Our full-step lists and MLP token counts against the reference's (both block kinds)."""
+    for branch in ("attn", "cross", "mlp"):
+        for kind in ("spatial", "temporal"):
+            if ours[f"full_steps_{branch}"] != ref[f"full_steps_{kind}_{branch}"]:
+                return False
+    cuts = {s: v for s, v in ref.get("cut_tokens_mlp", {}).items()}
+    partial = {s: v for s, v in ours["mlp_tokens_per_step"].items() if s not in ours["full_steps_mlp"]}
+    return cuts == partial
 
 
 def policy_report(stats, steps: int) -> dict:

@@ -26,23 +26,26 @@ def token_groups(layer: int, T: int, S: int) -> tuple[int, int]:
 
 def stdit3_macs(config: dict, T: int, Hp: int, Wp: int, text_len: float) -> dict:
     """Multiply-accumulates per batch row and model call. ``attn``/``cross``/``mlp`` map (layer, k) -> work of k
-    tokens; ``fixed`` is what every call does whatever the policy: embeddings, the caption MLP on all
-    ``model_max_length`` rows, the text k|v projection of every block (the reference runs it even when the
-    cross-attention is reused), the final layer. The attention cores count each row's own ``text_len`` tokens."""
+    tokens; ``fixed`` is what every call does whatever the policy: ``embeddings`` (patches, timestep and fps,
+    the caption MLP on all ``model_max_length`` rows, the final layer) plus ``text_kv``, the text k|v projection
+    of every block (the reference runs it even when the cross-attention is reused). The attention cores count
+    each row's own ``text_len`` tokens."""
     D, depth = config["hidden_size"], config["depth"]
     hidden = int(D * config["mlp_ratio"])
     patch = math.prod(config["patch_size"])
     out_channels = config["in_channels"] * (2 if config["pred_sigma"] else 1)
     S = Hp * Wp
     N = T * S
-    fixed = (N * config["in_channels"] * patch * D + 2 * (256 * D + D * D) + 6 * D * D
-             + config["model_max_length"] * (config["caption_channels"] * D + D * D)
-             + 2 * depth * round(2 * text_len * D * D) + N * D * patch * out_channels)
+    embeddings = (N * config["in_channels"] * patch * D + 2 * (256 * D + D * D) + 6 * D * D
+                  + config["model_max_length"] * (config["caption_channels"] * D + D * D) + N * D * patch * out_channels)
+    text_kv = 2 * depth * round(2 * text_len * D * D)
     return {
         "attn": lambda layer, k: (4 * N * D * D + 2 * N * token_groups(layer, T, S)[1] * D) * k // N,
         "cross": lambda layer, k: round(2 * k * D * D + 2 * k * text_len * D),
         "mlp": lambda layer, k: 2 * k * D * hidden,
-        "fixed": fixed,
+        "fixed": embeddings + text_kv,
+        "embeddings": embeddings,
+        "text_kv": text_kv,
     }
 
 

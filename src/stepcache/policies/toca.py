@@ -53,7 +53,7 @@ from stepcache.policies.base import ModelInfo, PolicyConfig, PolicyHandler, regi
 from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial
 
 SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerwise", "linear-layerwise",
-             "linear-mode", "ToCa-pixart", "ToCa")  # "ToCa": OpenSora's (toca_opensora.py)
+             "linear-mode", "ToCa-pixart")
 # (step weight, layer weight) of the schedules of the form ratio * layer_f * step_f * module_f.
 _PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
 DECISIONS = ("reference", "per-step")
@@ -137,9 +137,7 @@ class ToCa(PolicyConfig):
             if cfg.score not in PIXART_SCORES:
                 raise ConfigError(f"ToCa score {cfg.score!r} is not available under the PixArt variant; choose one "
                                   f"of {', '.join(PIXART_SCORES)}.")
-        if cfg.schedule == "ToCa":
-            raise ConfigError("ToCa schedule 'ToCa' belongs to the OpenSora variant (STDiT3).")
-        if variant == "dit" and cfg.schedule == "ToCa-pixart":
+        elif cfg.schedule == "ToCa-pixart":
             raise ConfigError("ToCa schedule 'ToCa-pixart' belongs to the PixArt variant (variant='pixart').")
         return cfg
 

@@ -36,17 +36,18 @@ from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Partial
 FAMILY = "stepcache.STDiT3"
 PERIODS = {"attn": 3, "cross": 6, "mlp": 3}  # the reference's per-module force-activation cycles
 FIRST_FULL = 3  # steps 0, 1, 2 compute everything
-DEFAULTS = {"fresh_ratio": 0.1, "schedule": "ToCa"}
-SCHEDULES = ("ToCa", "constant", "linear", "exp", "linear-mode", "layerwise")
+FRESH_RATIO = 0.1  # the default when ToCa(fresh_ratio=None)
+SCHEDULES = ("constant", "linear", "exp", "linear-mode", "layerwise")  # unset (None): the reference's "ToCa"
 SCORES = ("attention", "random", "straight", "norm", "similarity")
 
 
 def resolve(cfg):
-    """The ToCa config with the OpenSora defaults for unset settings; refuses what the reference lacks."""
-    cfg = replace(cfg, variant="opensora", **{k: v for k, v in DEFAULTS.items() if getattr(cfg, k) is None})
-    if cfg.schedule not in SCHEDULES:
-        raise ConfigError(f"ToCa schedule {cfg.schedule!r} does not exist for OpenSora; choose one of "
-                          f"{', '.join(SCHEDULES)}.")
+    """The ToCa config with the OpenSora defaults for unset settings (``schedule=None`` stands for the
+    reference's "ToCa" schedule); refuses what the reference lacks."""
+    cfg = replace(cfg, variant="opensora", fresh_ratio=FRESH_RATIO if cfg.fresh_ratio is None else cfg.fresh_ratio)
+    if cfg.schedule is not None and cfg.schedule not in SCHEDULES:
+        raise ConfigError(f"ToCa schedule {cfg.schedule!r} does not exist for OpenSora; leave it unset (the "
+                          f"reference's 'ToCa' schedule) or choose one of {', '.join(SCHEDULES)}.")
     if cfg.score not in SCORES:
         raise ConfigError(f"ToCa score {cfg.score!r} is not available for OpenSora; choose one of {', '.join(SCORES)}.")
     if cfg.bonus:
@@ -62,7 +63,7 @@ def is_full(site: str, k: int) -> bool:
 def ratio(cfg, site: str, k: int, num_steps: int, layer: int, depth: int) -> float:
     """Recomputed share of ``site`` at step k for block ``layer`` of its kind (Python float, reference op order)."""
     r, w = cfg.fresh_ratio, 0.9
-    if cfg.schedule == "ToCa":
+    if cfg.schedule is None:  # the reference's "ToCa" schedule
         step_weight, layer_weight, type_weight = 0.0, 0.0, 0.0
         module_weight, module_time_weight = 1.5, 0.33
         step_factor = 1 + step_weight - 2 * step_weight * k / num_steps
@@ -176,3 +177,22 @@ class OpenSoraToCaHandler(PolicyHandler):
         if name == "similarity":
             return S.similarity_score(x, self.cached)
         return torch.ones(rows, N, device=x.device)  # straight
+
+
+def ideal_speedup(macs: dict, depth: int, num_steps: int, num_tokens: int, cfg, embeddings: bool = True) -> float:
+    """Uncached over executed multiply-adds of a run under the variant's schedule, from an adapter's per-row
+    ``macs`` (``stepcache.adapters.stdit3.stdit3_macs``); ``depth`` blocks of each kind. Layer-free schedules
+    only ("ToCa", constant, linear, exp, linear-mode): the per-step counts come from :func:`schedule_table`.
+    ``embeddings=False`` leaves out the embeddings and final layer: the spec's compute model (projections,
+    attention cores, MLP and the text k|v, which always runs)."""
+    fixed = macs["fixed"] if embeddings else macs["text_kv"]
+    table = schedule_table(cfg, num_steps, num_tokens, depth)
+    full = executed = 0
+    for row in table.values():
+        for layer in range(2 * depth):
+            for site in ("attn", "cross", "mlp"):
+                full += macs[site](layer, num_tokens)
+                executed += macs[site](layer, row[site])
+        full += fixed
+        executed += fixed
+    return full / executed
