@@ -13,14 +13,16 @@ import torch
 
 from stepcache.cli.common import (add_cache_options, build_policy, check_guidance_and_interval, decode_latents,
                                   environment, load_model, positive_int, save_grid, to_uint8, write_json)
+from stepcache.cli.sample_video import add_video_options, is_video_model
+from stepcache.cli.sample_video import run as run_video
 from stepcache.errors import ConfigError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample class-conditional images, optionally cached",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="DiT-XL/2", help="DiT preset (DiT-XL/2, DiT-S/4, ...) or 'embedded' "
-                   "(default: %(default)s)")
+    p.add_argument("--model", default="DiT-XL/2", help="DiT preset (DiT-XL/2, DiT-S/4, ...), 'embedded', or "
+                   "STDiT3-XL/2 (OpenSora v1.2 video, see the video options) (default: %(default)s)")
     p.add_argument("--ckpt", default=None, help="checkpoint file (.pt or .safetensors); default: the official one")
     p.add_argument("--random-weights", action="store_true", help="random weights (timing only, no checkpoint)")
     p.add_argument("--image-size", type=int, choices=(256, 512), default=256, help="(default: %(default)s)")
@@ -35,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("samples"), help="(default: %(default)s)")
     p.add_argument("--no-baseline", action="store_true", help="do not also run uncached for speedup/fidelity")
     add_cache_options(p)
+    add_video_options(p)
     p.set_defaults(func=run)
 
 
@@ -57,6 +60,8 @@ def _timed_sample(model, noise, labels, args, policy):
 
 
 def run(args) -> int:
+    if is_video_model(args.model):
+        return run_video(args)
     if args.cache in ("fora", "toca") and args.interval < 1:
         raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
     policy = build_policy(args)
