@@ -80,7 +80,7 @@ def run(args) -> int:
         raise ConfigError(f"--num-frames must be >= 1, got {frames}.")
     latent_frames = frames // 17 * 5 + -(-(frames % 17) // 4)  # OpenSora VAE: chunks of 17 -> 5, rest / 4 up
     g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(n, model.in_channels, latent_frames, -(-height // 8), -(-width // 8), generator=g)
+    noise = torch.randn(n, model.in_channels, latent_frames, height // 8, width // 8, generator=g)  # VAE: floor
     start = time.perf_counter()
     latents, stats = stepcache.sample(model, noise, y, num_steps=args.num_sampling_steps, sampler="rflow",
                                       cfg_scale=args.cfg_scale, policy=policy or stepcache.NoCache(), mask=mask,
