@@ -4,7 +4,8 @@ of 30 x 53 latents: 15 x 27 patches, S = 405, N = 6,075 tokens per row), scaled 
 
 Reports executed multiply-adds (the runtime's accounting, and the spec's compute model of STDiT3-XL/2: 2.349x
 at 240p), the measured wall-clock speedup (median of per-round ratios, methods taking turns in every round),
-and the cache memory held at the end of a run (cached site outputs, cross-attention maps, counters).
+and the cache memory held at the end of a run (cached site outputs, per-token cross-attention entropy,
+counters).
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_opensora.py --out benchmarks/results/opensora.json
 """
@@ -38,9 +39,9 @@ def cache_bytes(handle) -> dict:
     """Bytes held by the run's cache: site outputs in the runtime's store, and the handler's maps/counters."""
     store = sum(t.numel() * t.element_size() for t in handle.store.values())
     handler = handle.handler
-    maps = sum(t.numel() * t.element_size() for t in getattr(handler, "maps", {}).values())
+    maps = sum(t.numel() * t.element_size() for t in getattr(handler, "entropy", {}).values())
     counters = sum(t.numel() * t.element_size() for t in getattr(handler, "counters", {}).values() if t is not None)
-    return {"outputs": store, "cross_maps": maps, "counters": counters}
+    return {"outputs": store, "cross_entropy": maps, "counters": counters}
 
 
 def timed(model, z, y, mask, steps: int, policy):
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
 def xl_cache_bytes(num_tokens: int, text_len: int, rows: int = 2) -> dict:
     """The same cache for STDiT3-XL/2 in bf16, batch 1 with CFG (the spec: ~18.5 GB of outputs at 480p)."""
     blocks, D = 56, 1152
-    return {"outputs": 3 * blocks * rows * num_tokens * D * 2, "cross_maps": blocks * rows * num_tokens * rows * text_len * 2,
+    return {"outputs": 3 * blocks * rows * num_tokens * D * 2, "cross_entropy": blocks * num_tokens * 4,
             "counters": 2 * blocks * rows * num_tokens * 4}
 
 

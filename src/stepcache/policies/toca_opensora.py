@@ -13,7 +13,8 @@ and scatter them into the cache. The default "ToCa" schedule gives ratio ``fresh
 and ``fresh_ratio * (-0.005)`` -> 0 tokens for cross-attention (its whole cache is reused).
 
 Score (``attention``, in fact s2): the head-mean cross-attention map of the block's last full computation (or
-its recomputed rows), the CFG halves averaged, ``l2_normalize(1 + entropy)``, the same for both halves; then
+its recomputed rows), the CFG halves averaged, ``l2_normalize(1 + entropy)``, the same for both halves (only the
+per-token entropy is kept, not the (rows, N, Ltot) maps: the same numbers, a fraction of the memory); then
 staleness ``+ 0.25 * counter / interval``, one counter per site (zeroed at a full computation, +1 at each cut,
 picked tokens back to 0). No spatial bonus (the reference's call is commented out). Other reference scores:
 ``random``, ``straight``, ``norm`` and ``similarity`` (both on the site's input: x for cross-attention, the
@@ -106,8 +107,9 @@ def schedule_table(cfg, num_steps: int, num_tokens: int, depth: int = 28) -> dic
 
 
 class OpenSoraToCaHandler(PolicyHandler):
-    """Per-run state: a staleness counter (rows, N) int32 per (block, site) and the cross-attention map
-    (rows, N, Ltot) of each block's last full computation (``attention`` score only)."""
+    """Per-run state: a staleness counter (rows, N) int32 per (block, site) and, for the ``attention`` score,
+    each block's per-token cross-attention entropy from its last full computation (rows refreshed by partial
+    cross-attention), the CFG halves averaged as the reference scores them."""
 
     needs_tokens = True  # the runtime shows the site input before the decision
     token_branches = ("mlp", "cross")
@@ -119,7 +121,7 @@ class OpenSoraToCaHandler(PolicyHandler):
     def reset(self, run) -> None:
         self.run = run
         self.counters: dict = {}
-        self.maps: dict[int, torch.Tensor] = {}
+        self.entropy: dict[int, torch.Tensor] = {}  # per block: cross-attention entropy of each token
         self.x = self.cached = None
 
     def see_tokens(self, ctx, layer: int, branch: str, x: torch.Tensor, cached) -> None:
@@ -139,13 +141,16 @@ class OpenSoraToCaHandler(PolicyHandler):
         return Partial(index, need_map=branch == "cross" and self.config.score == "attention")
 
     def observe(self, ctx, layer: int, branch: str, attn_map=None, values=None, index=None) -> None:
+        """Keep the score's per-token entropy (rows/2 or rows, N) instead of the map (rows, N, Ltot): the
+        entropy of a token depends on its map row only, so recomputed rows refresh their own entries."""
         if branch != "cross" or attn_map is None:
             return
-        if index is None:  # a full computation: (B, N, Ltot)
-            self.maps[layer] = attn_map
-        else:  # rows of the recomputed queries (B, k, Ltot)
-            stored = self.maps[layer]
-            stored.scatter_(1, index.unsqueeze(-1).expand(-1, -1, stored.shape[-1]), attn_map.to(stored.dtype))
+        cfg_rows = bool(self.run is not None and self.run.cfg)
+        fresh = S.cross_entropy(attn_map, cfg_rows)  # (rows/2 or rows, N or k)
+        if index is None:  # a full computation
+            self.entropy[layer] = fresh
+        else:  # the recomputed queries, the same tokens in both CFG halves
+            self.entropy[layer].scatter_(1, index[: fresh.shape[0]], fresh.to(self.entropy[layer].dtype))
 
     # ------------------------------------------------------------------ token selection
     def select(self, ctx, layer: int, branch: str, k: int) -> torch.Tensor:
@@ -168,8 +173,7 @@ class OpenSoraToCaHandler(PolicyHandler):
         name, rows, N = self.config.score, x.shape[0], x.shape[1]
         cfg_rows = bool(self.run is not None and self.run.cfg)
         if name == "attention":
-            entropy = S.cross_entropy(self.maps[layer], cfg_rows)  # (rows/2 or rows, N)
-            return S.entropy_score(entropy, cfg_rows)
+            return S.entropy_score(self.entropy[layer], cfg_rows)
         if name == "random":
             return S.random_score(rows, N, cfg_rows, x.device)
         if name == "norm":
