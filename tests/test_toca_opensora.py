@@ -120,3 +120,22 @@ def test_options_the_reference_lacks_raise_config_error():
                    stepcache.ToCa(schedule="ToCa-ddim50")):
         with pytest.raises(ConfigError):
             stepcache.apply(model, policy)
+
+
+def test_adapter_declares_per_group_geometry():
+    """Spatial blocks (even layers) attend within T frames of S tokens, temporal ones within S positions of T."""
+    from stepcache.adapters.stdit3 import token_groups
+
+    T, S, D = 5, 12, 32
+    assert token_groups(0, T, S) == (T, S) and token_groups(1, T, S) == (S, T)
+    macs = stdit3_macs(tiny_stdit3(0).config, T, 3, 4, 4.0)
+    N = T * S
+    assert macs["attn"](0, N) - 4 * N * D * D == 2 * N * S * D
+    assert macs["attn"](1, N) - 4 * N * D * D == 2 * N * T * D
+    assert macs["attn"](0, 0) == 0 and macs["mlp"](1, 3) == 2 * 3 * D * 4 * D
+
+
+def test_toca_in_bf16_runs():
+    model = tiny_stdit3(0).to(torch.bfloat16)
+    out, stats = run(model, stepcache.ToCa(), 7)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and stats.ideal_speedup > 1.2
