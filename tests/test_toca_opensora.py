@@ -95,7 +95,8 @@ def test_compute_model_of_the_spec_at_480p_and_240p(geometry, want, with_embeddi
 def test_near_reference_options_and_other_policies_run():
     model = tiny_stdit3(0)
     base, _ = run(model, None, 5)
-    for policy in (stepcache.ToCa(score="similarity", schedule="constant"), stepcache.FORA(2)):
+    l2c = stepcache.L2C(torch.full((5, 2 * 2 * model.depth), -5.0))  # a router reusing attn/mlp on cache steps
+    for policy in (stepcache.ToCa(score="similarity", schedule="constant"), stepcache.FORA(2), l2c):
         out, stats = run(model, policy, 5)
         assert torch.isfinite(out).all() and stats.ideal_speedup > 1.1
         assert not torch.equal(out, base)
