@@ -154,7 +154,8 @@ def run_ours(model, z, y, mask, steps: int, policy=None):
 def diff(a: torch.Tensor, b: torch.Tensor) -> dict:
     d = (a.double() - b.double()).abs().max().item()
     scale = a.double().abs().max().item()
-    return {"max_abs_diff": d, "max_rel_diff": d / scale, "max_abs_value": scale, "bit_identical": bool(torch.equal(a, b))}
+    return {"max_abs_diff": d, "max_rel_diff": d / scale, "max_abs_value": scale,
+            "bit_identical": bool(torch.equal(a, b))}
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,8 @@ def test_xl_preset_has_the_official_checkpoint_keys_and_shapes():
     for key, shape in want.items():
         assert tuple(sd[key].shape) == shape, key
     assert not any("pos_embed" in k or "cached" in k for k in sd)
-    assert sum(len([k for k in sd if k.startswith(f"{kind}_blocks.")]) for kind in ("spatial", "temporal")) == 56 * 17  # table, qkv, q/k norm, proj, q, kv, proj, fc1, fc2
+    per_block = 17  # table, qkv, q/k norm, proj, q_linear, kv_linear, proj, fc1, fc2 (weights and biases)
+    assert sum(k.startswith(("spatial_blocks.", "temporal_blocks.")) for k in sd) == 56 * per_block
     params = sum(p.numel() for p in model.parameters())
     assert 1.20e9 < params < 1.23e9  # about 1.21e9
 

@@ -76,7 +76,8 @@ def test_runtime_accounting_equals_the_compute_model():
     assert stats.ideal_speedup == pytest.approx(ideal_speedup(macs, model.depth, 12, 60, stepcache.ToCa()), rel=1e-12)
 
 
-@pytest.mark.parametrize("geometry, want, with_embeddings", [((15, 30, 53), 2.363, 2.363), ((15, 15, 27), 2.349, 2.348)])
+@pytest.mark.parametrize("geometry, want, with_embeddings",
+                         [((15, 30, 53), 2.363, 2.363), ((15, 15, 27), 2.349, 2.348)])
 def test_compute_model_of_the_spec_at_480p_and_240p(geometry, want, with_embeddings):
     """STDiT3-XL/2, 30 steps, 51 frames (15 latent frames), 9:16, 100 text tokens per row: the spec's model
     (blocks and text k|v) and the runtime's full accounting (embeddings and final layer too)."""

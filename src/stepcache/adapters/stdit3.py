@@ -37,7 +37,8 @@ def stdit3_macs(config: dict, T: int, Hp: int, Wp: int, text_len: float) -> dict
     S = Hp * Wp
     N = T * S
     embeddings = (N * config["in_channels"] * patch * D + 2 * (256 * D + D * D) + 6 * D * D
-                  + config["model_max_length"] * (config["caption_channels"] * D + D * D) + N * D * patch * out_channels)
+                  + config["model_max_length"] * (config["caption_channels"] * D + D * D)
+                  + N * D * patch * out_channels)
     text_kv = 2 * depth * round(2 * text_len * D * D)
     return {
         "attn": lambda layer, k: (4 * N * D * D + 2 * N * token_groups(layer, T, S)[1] * D) * k // N,
