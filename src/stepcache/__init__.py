@@ -12,12 +12,13 @@ import stepcache.policies  # noqa: F401  (registers the built-in methods)
 from stepcache.policies.fora import FORA
 from stepcache.policies.l2c import L2C
 from stepcache.policies.toca import ToCa
+from stepcache.policy_file import load_policy
 from stepcache.sampling.sample import sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DiT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
-    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "known_methods", "StepcacheError", "ConfigError",
+    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "known_methods", "load_policy", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]

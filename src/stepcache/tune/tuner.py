@@ -1,0 +1,216 @@
+"""``stepcache.tune.tune``: search every registered policy for a target, prove the winners on held-out seeds.
+
+1. Candidates: every registered method times its ``search_space()`` (:mod:`stepcache.tune.space`).
+2. Successive halving on calibration seeds (:mod:`stepcache.tune.search`): compute first, then quality
+   (PSNR / SSIM vs the uncached images of the same seeds; the digit judge's accuracy and FD on digits).
+3. The best ``finalists`` and any ``compare`` specs (hand-picked settings) are sampled on held-out
+   seeds, and timed against the uncached run in interleaved rounds (median of per-round ratios).
+4. The choice is made on calibration figures only; held-out figures are reported beside them (the
+   held-out gap), never used to choose.
+Every measurement is a record in ``out_dir/tune_records.jsonl``; a killed tune re-run with the same
+arguments redoes nothing it had finished.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from stepcache.bench.methods import build_policy, parse_spec, policy_key_dict
+from stepcache.bench.records import config_key
+from stepcache.core.policy import NoCache
+from stepcache.errors import ConfigError, StepcacheError
+from stepcache.policy_file import model_identity
+from stepcache.tune.evaluate import Evaluator, RunSpec, figures
+from stepcache.tune.records import RECORDS_NAME, RecordStore
+from stepcache.tune.search import Target, halving, seed_chunks
+from stepcache.tune.space import Candidate, enumerate_candidates
+
+BASES = ("ideal", "measured")
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    target: Target
+    calibration_seeds: int = 16
+    held_out_seeds: int = 16
+    seed: int = 0             # calibration seeds seed.., held-out seeds right after them
+    first_chunk: int = 2      # seeds of rung 0 (the compute proxy) and rung 1
+    eta: int = 3
+    keep: int = 3
+    finalists: int = 3
+    timing_repeats: int = 3
+    speedup_basis: str = "ideal"
+    methods: tuple | None = None
+    compare: tuple = ()       # hand-picked specs ("fora:interval=3") measured beside the finalists
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.calibration_seeds < 1 or self.held_out_seeds < 1:
+            raise ConfigError("A tune needs at least 1 calibration and 1 held-out seed.")
+        if self.finalists < 1 or self.timing_repeats < 0:
+            raise ConfigError(f"finalists must be >= 1 and timing repeats >= 0, got {self.finalists} and "
+                              f"{self.timing_repeats}.")
+        if self.speedup_basis not in BASES:
+            raise ConfigError(f"speedup basis must be one of {', '.join(BASES)}, got {self.speedup_basis!r}.")
+        if self.speedup_basis == "measured" and self.timing_repeats < 1:
+            raise ConfigError("A measured speedup basis needs at least one timing round.")
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+class Tuner:
+    """The state of one tune: model, records, references; see the module docstring for the steps."""
+
+    def __init__(self, model, model_name: str, run: RunSpec, options: TuneOptions, out_dir, judge: bool,
+                 log=print):
+        options.validate()
+        self.model, self.run, self.opts, self.judge, self.log = model, run, options, judge, log
+        self.identity = model_identity(model, model_name)
+        header = {"model": self.identity, "run": asdict(run), "judge": judge}
+        self.store = RecordStore(out_dir / RECORDS_NAME, header)
+        self.evaluator = Evaluator(model, run, judge, out_dir, fingerprint=config_key(header))
+        n, s = options.calibration_seeds, options.seed
+        self.calibration = list(range(s, s + n))
+        self.held_out = tuple(range(s + n, s + n + options.held_out_seeds))
+        self.chunks = seed_chunks(self.calibration, options.first_chunk)
+        self.num_classes = model.config.num_classes
+        self.new_runs = 0
+
+    # ------------------------------------------------------------------ measurements (records)
+    def record(self, cand: Candidate, chunk) -> dict:
+        """The eval record of ``cand`` on ``chunk``: from the store, else sampled now and appended."""
+        key = config_key({"policy": cand.key, "seeds": list(chunk)})
+        rec = self.store.get(key)
+        if rec is None:
+            rec = {"kind": "eval", "key": key, "policy_key": cand.key, "label": cand.label, "seeds": list(chunk)}
+            try:
+                rec.update(self.evaluator.measure(cand.policy, chunk))
+            except StepcacheError as exc:  # the policy refused this model or run: one sentence, kept
+                rec["error"] = str(exc)
+            self.new_runs += 1
+            self.store.add(rec)
+        return rec
+
+    def measure_rung(self, cands, chunk, r: int) -> dict:
+        out = {}
+        with _bar(len(cands), f"tune rung {r} ({len(chunk)} seeds)", self.opts.progress) as bar:
+            for c in cands:
+                out[c.key] = self.record(c, chunk)
+                bar.update()
+        return out
+
+    def pooled(self, cand: Candidate, chunks) -> "figures":
+        recs = [self.record(cand, ch) for ch in chunks]
+        labels = [s % self.num_classes for ch in chunks for s in ch]
+        return figures(recs, labels if self.judge else None, fd=self.judge)
+
+    def timing(self, cands) -> dict:
+        """{candidate key: median over rounds of (uncached s / policy s)} on the held-out chunk; rounds
+        interleave the uncached run with every policy, so a drifting machine hits all alike."""
+        n = self.opts.timing_repeats
+        keys = {c.key: config_key({"timing": c.key, "seeds": list(self.held_out), "repeats": n}) for c in cands}
+        todo = [c for c in cands if self.store.get(keys[c.key]) is None]
+        if todo and n:
+            self.evaluator.sample(NoCache(), self.held_out[:1])  # warm-up
+            ratios = {c.key: [] for c in todo}
+            with _bar(n * (len(todo) + 1), "tune timing", self.opts.progress) as bar:
+                for _ in range(n):
+                    base = self._time(NoCache())
+                    bar.update()
+                    for c in todo:
+                        ratios[c.key].append(base / self._time(c.policy))
+                        bar.update()
+            for c in todo:
+                self.store.add({"kind": "timing", "key": keys[c.key], "label": c.label, "ratios": ratios[c.key]})
+        return {c.key: statistics.median(self.store.get(keys[c.key])["ratios"]) for c in cands if n}
+
+    def _time(self, policy) -> float:
+        t0 = time.perf_counter()
+        self.evaluator.sample(policy, self.held_out)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the tune
+    def compare_candidates(self) -> list[Candidate]:
+        out = []
+        for spec in self.opts.compare:
+            policy = build_policy(spec, self.run.num_steps, self.run.sampler, self.identity["name"] == "embedded")
+            params = tuple(parse_spec(spec)[1].items())
+            out.append(Candidate(policy.method, params, policy, config_key(policy_key_dict(policy))))
+        return out
+
+    def tune(self) -> dict:
+        opts, target = self.opts, self.opts.target
+        cands = enumerate_candidates(self.run.num_steps, self.run.sampler, self.identity["name"] == "embedded",
+                                     opts.methods, self.log)
+        if not cands:
+            raise ConfigError("No registered policy can run on this model and sampler; nothing to tune.")
+        self.log(f"tune: {len(cands)} candidates from {len({c.method for c in cands})} methods; "
+                 f"{len(self.store)} records already in {self.store.path}")
+        alive, seen = halving(cands, self.measure_rung, self.pooled, self.chunks, target, opts.eta, opts.keep,
+                              self.log)
+        if not alive:
+            raise ConfigError(self._nothing_feasible(seen, cands))
+        finalists = alive[:opts.finalists]
+        compares = self.compare_candidates()
+        checked = finalists + [c for c in compares if c.key not in {f.key for f in finalists}]
+        speed = self.timing(checked)
+        rows = [self._row(c, speed, c in compares) for c in checked]
+        chosen, why = self._choose(rows[:len(finalists)])
+        proxy = {c.key: self.pooled(c, self.chunks[:1]) for c in cands
+                 if "error" not in self.record(c, self.chunks[0])}
+        return {"target": target, "candidates": cands, "chosen": chosen, "why": why, "rows": rows,
+                "proxy": proxy, "proxy_seeds": len(self.chunks[0]), "seen": seen, "errors": self._errors(cands), "new_runs": self.new_runs,
+                "reference_runs": self.evaluator.reference_runs, "resumed_records": self.store.resumed,
+                "calibration_seeds": self.calibration, "held_out_seeds": list(self.held_out)}
+
+    def _row(self, cand: Candidate, speed: dict, hand_picked: bool) -> dict:
+        calib = self.pooled(cand, self.chunks)
+        held = figures([self.record(cand, self.held_out)],
+                       [s % self.num_classes for s in self.held_out] if self.judge else None, fd=self.judge)
+        return {"candidate": cand, "hand_picked": hand_picked, "calibration": calib, "held_out": held,
+                "measured_speedup": speed.get(cand.key), "gap_db": calib.psnr - held.psnr}
+
+    def _choose(self, finalists: list[dict]) -> tuple[dict, str]:
+        target, best = self.opts.target, finalists[0]
+        why = f"{target.describe()} on {len(self.calibration)} calibration seeds (ideal speedup = MACs ratio)"
+        if target.kind != "speedup" or self.opts.speedup_basis != "measured":
+            return best, why
+        ok = [r for r in finalists if r["measured_speedup"] >= target.value]
+        if not ok:
+            return best, (f"{why}; no finalist reached {target.value:g}x measured speedup, so the best by ideal "
+                          f"speedup is kept")
+        return ok[0], f"best calibration PSNR among finalists with >= {target.value:g}x measured speedup"
+
+    def _nothing_feasible(self, seen: dict, cands) -> str:
+        if not seen:
+            return "Every candidate policy refused this model or run; nothing to tune."
+        target = self.opts.target
+        key = {"speedup": lambda f: f.ideal_speedup, "psnr": lambda f: f.psnr,
+               "fd": lambda f: -(f.frechet_distance or 0.0)}[target.kind]
+        best_key = max(seen, key=lambda k: key(seen[k]))
+        label = next(c.label for c in cands if c.key == best_key)
+        f = seen[best_key]
+        return (f"No policy in the search space meets the target ({target.describe()}); the closest is {label} "
+                f"with {f.ideal_speedup:.2f}x ideal speedup and {f.psnr:.1f} dB.")
+
+    def _errors(self, cands) -> dict:
+        out = {}
+        for c in cands:
+            rec = self.store.get(config_key({"policy": c.key, "seeds": list(self.chunks[0])}))
+            if rec is not None and "error" in rec:
+                out.setdefault(c.method, rec["error"])
+        return out
+
+
+def tune(model, model_name: str, run: RunSpec, options: TuneOptions, out_dir, judge: bool = False,
+         log=print) -> dict:
+    """Run a tune; the result dict is what :mod:`stepcache.tune.report` writes out."""
+    from pathlib import Path
+
+    return Tuner(model, model_name, run, options, Path(out_dir), judge, log).tune()
