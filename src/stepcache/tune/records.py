@@ -43,7 +43,8 @@ class RecordStore:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
-                if n == len(lines):  # torn by a kill mid-write: that measurement is simply redone
+                if n == len(lines):  # torn by a kill mid-write: cut it off, that measurement is redone
+                    self.path.write_text("".join(ln + "\n" for ln in lines[:-1]))
                     break
                 raise ConfigError(f"{self.path} line {n} is not valid JSON; delete the file to start over.") from None
         return out
