@@ -55,11 +55,18 @@ class Evaluator:
             if saved.get("fingerprint") == fingerprint:
                 self.refs = {tuple(int(s) for s in k.split(",")): v for k, v in saved["chunks"].items()}
 
-    def sample(self, policy, seeds, return_stats: bool = False):
+    def sample(self, policy, seeds, return_stats: bool = False, cfg_scale: float | None = None):
         noise, labels = chunk_inputs(self.model, seeds)
         gen = torch.Generator().manual_seed(int(seeds[0]))
-        return sample(self.model, noise, labels, self.run.num_steps, self.run.sampler, self.run.cfg_scale,
-                      policy, generator=gen, return_stats=return_stats)
+        cfg = self.run.cfg_scale if cfg_scale is None else cfg_scale
+        return sample(self.model, noise, labels, self.run.num_steps, self.run.sampler, cfg, policy, generator=gen,
+                      return_stats=return_stats)
+
+    def compute(self, policy, seed: int) -> dict:
+        """Executed and uncached MACs of one unguided sample: the cheapest run that shows a policy's
+        compute (exact for schedules fixed in advance, an estimate for ones that watch the features)."""
+        _, stats = self.sample(policy, (seed,), return_stats=True, cfg_scale=1.0)
+        return {"macs_executed": int(stats.macs_executed), "macs_uncached": int(stats.macs_uncached)}
 
     def reference(self, seeds) -> torch.Tensor:
         """The uncached images of ``seeds`` (one chunk), sampled on first use only."""

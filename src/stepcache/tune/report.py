@@ -113,6 +113,7 @@ def write_outputs(result: dict, tuned_for: dict, policy_path: Path, out_dir: Pat
     md.write_text(
         f"# stepcache tune: {title}\n\nTarget: {result['target'].describe()}. Chosen: **{chosen['candidate'].label}** "
         f"({result['why']}).\n\n{len(result['candidates'])} candidates from {', '.join(search['methods'])}; "
+        f"{result['compute_only']} of them ruled out by compute alone (one unguided sample each); "
         f"{len(result['calibration_seeds'])} calibration seeds, {len(result['held_out_seeds'])} held-out seeds.\n\n"
         f"## Finalists (and hand-picked settings) on held-out seeds\n\n{finalists_table(result['rows'], chosen)}\n"
         f"## Pareto front (rung-0 seeds, every candidate)\n\n{front_table(front)}")

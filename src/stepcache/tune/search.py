@@ -1,8 +1,8 @@
 """Successive halving (Jamieson & Talwalkar, arXiv 1502.07943) over the candidates, target-aware.
 
-Rung 0 samples every candidate on the first small chunk of calibration seeds: that run gives its
-executed compute exactly (static schedules) or nearly (dynamic ones), so a speed target prunes the
-candidates that cannot reach it before any more sampling is spent on them. Each later rung adds a
+The tuner has already dropped what a speed target rules out on compute alone (one unguided sample per
+candidate, :meth:`stepcache.tune.tuner.Tuner.prune_by_compute`). Rung 0 samples every remaining
+candidate on the first small chunk of calibration seeds; each later rung adds a
 chunk twice as large and keeps the best ``1/eta`` of the feasible candidates (never fewer than
 ``keep``), so the survivors are judged on more and more seeds. A hand-written loop: the grid is small
 and discrete, and every measurement is a record the next run can reuse.

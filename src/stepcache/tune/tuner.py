@@ -1,11 +1,13 @@
 """``stepcache.tune.tune``: search every registered policy for a target, prove the winners on held-out seeds.
 
 1. Candidates: every registered method times its ``search_space()`` (:mod:`stepcache.tune.space`).
-2. Successive halving on calibration seeds (:mod:`stepcache.tune.search`): compute first, then quality
-   (PSNR / SSIM vs the uncached images of the same seeds; the digit judge's accuracy and FD on digits).
-3. The best ``finalists`` and any ``compare`` specs (hand-picked settings) are sampled on held-out
+2. Compute first: one unguided sample per candidate gives its executed MACs; a speed target drops the
+   candidates below it (with slack, the proxy being unguided) before any quality sampling.
+3. Successive halving on calibration seeds (:mod:`stepcache.tune.search`) for quality (PSNR / SSIM vs
+   the uncached images of the same seeds; the digit judge's accuracy and FD on digits).
+4. The best ``finalists`` and any ``compare`` specs (hand-picked settings) are sampled on held-out
    seeds, and timed against the uncached run in interleaved rounds (median of per-round ratios).
-4. The choice is made on calibration figures only; held-out figures are reported beside them (the
+5. The choice is made on calibration figures only; held-out figures are reported beside them (the
    held-out gap), never used to choose.
 Every measurement is a record in ``out_dir/tune_records.jsonl``; a killed tune re-run with the same
 arguments redoes nothing it had finished.
@@ -28,6 +30,7 @@ from stepcache.tune.search import Target, halving, seed_chunks
 from stepcache.tune.space import Candidate, enumerate_candidates
 
 BASES = ("ideal", "measured")
+PROXY_SLACK = 0.85  # a speed target prunes on the proxy only below this share of it (the proxy is unguided)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,42 @@ class Tuner:
             self.store.add(rec)
         return rec
 
+    def compute_proxy(self, cands) -> dict:
+        """{candidate key: compute record} from one unguided sample of the first calibration seed."""
+        out, seed = {}, self.calibration[0]
+        with _bar(len(cands), "tune compute proxy", self.opts.progress) as bar:
+            for c in cands:
+                key = config_key({"compute": c.key, "seed": seed})
+                rec = self.store.get(key)
+                if rec is None:
+                    rec = {"kind": "compute", "key": key, "policy_key": c.key, "label": c.label}
+                    try:
+                        rec.update(self.evaluator.compute(c.policy, seed))
+                    except StepcacheError as exc:
+                        rec["error"] = str(exc)
+                    self.new_runs += 1
+                    self.store.add(rec)
+                out[c.key] = rec
+                bar.update()
+        return out
+
+    def prune_by_compute(self, cands) -> tuple[list, dict]:
+        """The candidates worth sampling for quality, and {key: proxy ideal speedup} of those that ran."""
+        recs = self.compute_proxy(cands)
+        speed = {k: r["macs_uncached"] / r["macs_executed"] for k, r in recs.items() if "error" not in r}
+        ok = [c for c in cands if c.key in speed]
+        target = self.opts.target
+        if target.kind == "speedup":
+            fast = [c for c in ok if speed[c.key] >= PROXY_SLACK * target.value]
+            self.log(f"tune: compute proxy: {len(ok)} of {len(cands)} candidates run here, {len(fast)} reach "
+                     f"{PROXY_SLACK:g} x {target.value:g}x ideal speedup")
+            if ok and not fast:
+                best = max(ok, key=lambda c: speed[c.key])
+                raise ConfigError(f"No policy in the search space meets the target ({target.describe()}); the "
+                                  f"fastest is {best.label} with {speed[best.key]:.2f}x ideal speedup.")
+            ok = fast
+        return ok, speed
+
     def measure_rung(self, cands, chunk, r: int) -> dict:
         out = {}
         with _bar(len(cands), f"tune rung {r} ({len(chunk)} seeds)", self.opts.progress) as bar:
@@ -152,7 +191,10 @@ class Tuner:
             raise ConfigError("No registered policy can run on this model and sampler; nothing to tune.")
         self.log(f"tune: {len(cands)} candidates from {len({c.method for c in cands})} methods; "
                  f"{len(self.store)} records already in {self.store.path}")
-        alive, seen = halving(cands, self.measure_rung, self.pooled, self.chunks, target, opts.eta, opts.keep,
+        pool, self.proxy_speed = self.prune_by_compute(cands)
+        if not pool:
+            raise ConfigError("Every candidate policy refused this model or run; nothing to tune.")
+        alive, seen = halving(pool, self.measure_rung, self.pooled, self.chunks, target, opts.eta, opts.keep,
                               self.log)
         if not alive:
             raise ConfigError(self._nothing_feasible(seen, cands))
@@ -162,9 +204,9 @@ class Tuner:
         speed = self.timing(checked)
         rows = [self._row(c, speed, c in compares) for c in checked]
         chosen, why = self._choose(rows[:len(finalists)])
-        proxy = {c.key: self.pooled(c, self.chunks[:1]) for c in cands
+        proxy = {c.key: self.pooled(c, self.chunks[:1]) for c in pool
                  if "error" not in self.record(c, self.chunks[0])}
-        return {"target": target, "candidates": cands, "chosen": chosen, "why": why, "rows": rows,
+        return {"target": target, "candidates": cands, "compute_only": len(cands) - len(pool), "chosen": chosen, "why": why, "rows": rows,
                 "proxy": proxy, "proxy_seeds": len(self.chunks[0]), "seen": seen, "errors": self._errors(cands), "new_runs": self.new_runs,
                 "reference_runs": self.evaluator.reference_runs, "resumed_records": self.store.resumed,
                 "calibration_seeds": self.calibration, "held_out_seeds": list(self.held_out)}
@@ -202,7 +244,7 @@ class Tuner:
     def _errors(self, cands) -> dict:
         out = {}
         for c in cands:
-            rec = self.store.get(config_key({"policy": c.key, "seeds": list(self.chunks[0])}))
+            rec = self.store.get(config_key({"compute": c.key, "seed": self.calibration[0]}))
             if rec is not None and "error" in rec:
                 out.setdefault(c.method, rec["error"])
         return out
