@@ -651,3 +651,73 @@ def test_spans_of_blocks_on_every_family(family):
     assert all(o == x for _, _, o, x in observed)  # residual shaped like the stream it applies to
     assert all("forward" not in m.__dict__ for m in pipe.transformer.modules())
     assert torch.equal(run(pipe), base)
+
+
+# ------------------------------------------------------------------------------ the diffusers habits (issue 12)
+def test_apply_to_pipe_transformer_then_call_the_pipeline(family, monkeypatch):
+    """``stepcache.apply(pipe.transformer, policy)`` then ``pipe(...)``: the same as applying to the pipeline, whether
+    the pipeline is found at apply time (it holds the transformer) or at the first call (from the calling frame)."""
+    from stepcache.adapters.diffusers import clock
+
+    name, pipe, run, base = family
+    with stepcache.apply(pipe, FORA(2)):
+        want = run(pipe)
+    with stepcache.apply(pipe.transformer, FORA(2)) as handle:
+        assert torch.equal(run(pipe), want) and handle.stats().nfe == STEPS
+        assert torch.equal(run(pipe), want)  # a second call starts a fresh run
+    assert type(pipe).__name__ == type(pipe).__mro__[0].__name__ and "_stepcache_clock" not in pipe.__dict__
+    monkeypatch.setattr(clock, "find_pipeline", lambda transformer: None)
+    with stepcache.apply(pipe.transformer, FORA(2)) as handle:
+        assert handle.clock is None
+        assert torch.equal(run(pipe), want)  # adopted from the stack at the first call
+        assert torch.equal(run(pipe), want)
+    assert "_stepcache_clock" not in pipe.__dict__ and torch.equal(run(pipe), base)
+
+
+def test_clock_accepts_a_bfloat16_timestep():
+    from stepcache.adapters.diffusers.clock import _tolerance
+
+    expected = 928.571
+    t = float(torch.tensor(expected / 1000, dtype=torch.bfloat16)) * 1000  # FLUX's t / 1000 in bf16
+    assert abs(t - expected) > 1e-3 * expected  # the old check refused it
+    assert abs(t - expected) <= _tolerance(torch.tensor([0.5], dtype=torch.bfloat16), expected)
+    assert _tolerance(torch.tensor([0.5]), expected) == pytest.approx(1e-3 * expected)
+
+
+def test_flux_in_bfloat16_runs_cached():
+    pipe = build_flux()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.to(torch.bfloat16)
+    bf = torch.bfloat16
+
+    def run():
+        pe, pp = _embeds((0,), 6, 32, 0)[0].to(bf), torch.randn(1, 32, generator=torch.Generator().manual_seed(7))
+        return pipe(prompt=None, prompt_embeds=pe, pooled_prompt_embeds=pp.to(bf), height=64, width=64,
+                    latents=_latents((0,), (16, 16)).to(bf), num_inference_steps=6, output_type="latent").images
+
+    base = run()
+    with stepcache.apply(pipe, FORA(1)):
+        assert torch.equal(run(), base)
+    with stepcache.apply(pipe, FORA(3)) as handle:
+        out = run()
+    assert torch.isfinite(out.float()).all() and handle.stats().full_steps() == [5, 3, 0]
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3"])
+def test_coexists_with_layerwise_casting_and_group_offload(name):
+    build, run = FAMILIES[name]
+    for enable in ("layerwise", "offload"):
+        pipe = build()
+        pipe.set_progress_bar_config(disable=True)
+        if enable == "layerwise":
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        else:
+            pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level",
+                                                  num_blocks_per_group=1)
+        base = run(pipe)
+        with stepcache.apply(pipe, FORA(1)):
+            assert torch.equal(run(pipe), base)
+        with stepcache.apply(pipe, FORA(2)) as handle:
+            out = run(pipe)
+        assert torch.isfinite(out).all() and handle.stats().macs_executed < handle.stats().macs_uncached
+        assert torch.equal(run(pipe), base)

@@ -14,7 +14,7 @@ from stepcache import L2C, sample
 from stepcache.diffusion.schedule import Diffusion
 from stepcache.policies.l2c import active_units, cache_steps, load_router, save_router
 from stepcache.training.l2c_data import RouterData
-from stepcache.policies.l2c_report import expected_macs, format_table, heatmap, model_for_macs, router_report
+from stepcache.training.l2c_report import expected_macs, format_table, heatmap, model_for_macs, router_report
 from stepcache.training.l2c import RouterTrainConfig, router_mse, train_router
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import ddim_step

@@ -9,16 +9,21 @@ from stepcache.errors import (CheckpointError, ClockError, ConfigError, ModelMis
                               UnsupportedModelError)
 from stepcache.models.dit import DiT
 import stepcache.policies  # noqa: F401  (registers the built-in methods)
+from stepcache.policies.dbcache import DBCache
+from stepcache.policies.fbcache import FBCache
 from stepcache.policies.fora import FORA
 from stepcache.policies.l2c import L2C
+from stepcache.policies.magcache import MagCache
+from stepcache.policies.taylorseer import TaylorSeer
+from stepcache.policies.teacache import TeaCache
 from stepcache.policies.toca import ToCa
 from stepcache.policy_file import load_policy
 from stepcache.sampling.sample import sample
 
-__version__ = "0.1.0"
+from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
     "DiT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
-    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "known_methods", "load_policy", "StepcacheError", "ConfigError",
+    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "known_methods", "load_policy", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]

@@ -20,11 +20,16 @@ def apply(model, policy: PolicyConfig) -> CacheHandle:
         raise StepcacheError(f"policy must be a stepcache policy config such as FORA(3), got {type(policy).__name__}.")
     target, adapter = find_adapter(model)
     handle = CacheHandle(target, adapter, policy).install()
-    if target is not model:  # a diffusers pipeline: its own loop publishes the clock
+    pipe = model if target is not model else None
+    if pipe is None and hasattr(adapter, "timestep_scale"):  # a bare diffusers transformer: its pipeline, if any
+        from stepcache.adapters.diffusers.clock import find_pipeline
+
+        pipe = find_pipeline(target)  # else found at the first call, from the pipeline calling it
+    if pipe is not None:  # a diffusers pipeline: its own loop publishes the clock
         from stepcache.adapters.diffusers.clock import attach_pipeline
 
         try:
-            handle._patches.append(attach_pipeline(model, handle))
+            handle._patches.append(attach_pipeline(pipe, handle))
         except BaseException:
             handle.remove()
             raise

@@ -36,6 +36,7 @@ from torch import nn
 from stepcache.adapters.base import Adapter, gather_tokens
 from stepcache.core.context import ModelInfo
 from stepcache.errors import ClockError, ConfigError
+from stepcache.adapters.diffusers.clock import adopt_from_stack
 from stepcache.core.hooks import AttrPatch, ForwardPatch
 
 def diffusers_available() -> bool:
@@ -259,7 +260,10 @@ class DiffusersAdapter(Adapter):
             set_geometry(handle, T, grid, new_run=clock is not None and clock.starting)
             geom.num_tokens, geom.grid, geom.text_len = T, grid, L
             rows = call.arguments["hidden_states"].shape[0]
-            if clock is not None:
+            if clock is None and handle.ctx is None and adopt_from_stack(model, handle):
+                clock = handle.clock
+                set_geometry(handle, T, grid, new_run=True)
+            if clock is not None and (clock.active or handle.ctx is None):  # else driven by hand (begin_run/set_step)
                 clock.on_model_call(rows, call.arguments.get("timestep"), self)
             fixed = fixed_per_token[0] * T + fixed_per_token[1] * L + fixed_per_token[2]
             if self.uncached_call(call):
@@ -346,13 +350,22 @@ def set_geometry(handle, num_tokens: int, grid: tuple[int, int], new_run: bool =
         handle.handler.reset(handle.run)
 
 
+# diffusers hooks that skip or approximate denoising work (their names in diffusers' HookRegistry); other
+# hooks (layerwise casting, group offloading, context/tensor parallelism) run beside stepcache.
+_CACHE_HOOK_PREFIXES = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
+                        "taylorseer_cache", "layer_skip")
+
+
 def refuse_diffusers_cache(model) -> None:
-    """stepcache and diffusers' own caches on one model would both skip work: refuse the combination."""
-    enabled = getattr(model, "is_cache_enabled", False)
-    hooked = any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in model.modules())
-    if enabled or hooked:
-        raise ConfigError(f"{type(model).__name__} already has diffusers hooks or a diffusers cache "
-                          "(enable_cache); disable them before stepcache.apply().")
+    """stepcache and diffusers' own caches on one model would both skip work: refuse the combination, by name."""
+    names = set()
+    for m in model.modules():
+        hooks = getattr(getattr(m, "_diffusers_hook", None), "hooks", None) or {}
+        names |= {n for n in hooks if n.startswith(_CACHE_HOOK_PREFIXES)}
+    if getattr(model, "is_cache_enabled", False) or names:
+        found = ", ".join(sorted(names)) or "enable_cache"
+        raise ConfigError(f"{type(model).__name__} already has a diffusers cache ({found}); call "
+                          "disable_cache() before stepcache.apply().")
 
 
 def _refuse_enable_cache(*args, **kwargs):
