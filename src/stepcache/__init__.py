@@ -24,6 +24,7 @@ from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
     "DiT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
-    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "known_methods", "load_policy", "StepcacheError", "ConfigError",
+    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache",
+    "known_methods", "load_policy", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]
