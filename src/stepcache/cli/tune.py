@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eta", type=int, default=3, help="successive halving keeps 1/eta per rung")
     p.add_argument("--finalists", type=positive_int, default=3, help="best candidates checked on held-out seeds")
     p.add_argument("--timing-repeats", type=int, default=3, help="interleaved timing rounds (0: no timing)")
+    p.add_argument("--timing-seeds", type=positive_int, default=8, help="held-out seeds timed as one batch")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("policy.json"), help="policy file to write")
     p.add_argument("--out-dir", type=Path, default=None, help="records, report and plot (default: <out>_tune/)")
@@ -72,7 +73,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     out_dir = args.out_dir or args.out.with_name(args.out.stem + "_tune")
     opts = TuneOptions(target, args.calibration_seeds, args.held_out_seeds, args.seed, args.first_chunk, args.eta,
-                       finalists=args.finalists, timing_repeats=args.timing_repeats,
+                       finalists=args.finalists, timing_repeats=args.timing_repeats, timing_seeds=args.timing_seeds,
                        speedup_basis=args.speedup_basis, methods=tuple(args.methods) if args.methods else None,
                        compare=tuple(args.compare), progress=not args.no_progress)
     run_spec = RunSpec(args.sampler, args.num_sampling_steps, args.cfg_scale)
@@ -80,7 +81,8 @@ def run(args) -> int:
     tuner = Tuner(loaded.model, args.model, run_spec, opts, out_dir, judge=loaded.embedded)
     result = tuner.tune()
     tuned_for = {"model": tuner.identity, "sampler": args.sampler, "num_steps": args.num_sampling_steps,
-                 "cfg_scale": args.cfg_scale, "target": {**target.to_dict(), "basis": args.speedup_basis}}
+                 "cfg_scale": args.cfg_scale, "target": {**target.to_dict(), "basis": args.speedup_basis,
+                                                         "searched": result["searched_target"].to_dict()}}
     files = write_outputs(result, tuned_for, args.out, out_dir,
                           f"{args.model}, {args.sampler}-{args.num_sampling_steps}, cfg {args.cfg_scale:g}")
     chosen = result["chosen"]

@@ -109,9 +109,11 @@ def write_outputs(result: dict, tuned_for: dict, policy_path: Path, out_dir: Pat
                          search=search, environment=environment(),
                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     pts, front = pareto_points(result)
+    searched = "" if result["searched_target"] == result["target"] else \
+        f" (measured basis: searched at {result['searched_target'].describe()})"
     md = out_dir / "tune_report.md"
     md.write_text(
-        f"# stepcache tune: {title}\n\nTarget: {result['target'].describe()}. Chosen: **{chosen['candidate'].label}** "
+        f"# stepcache tune: {title}\n\nTarget: {result['target'].describe()}{searched}. Chosen: **{chosen['candidate'].label}** "
         f"({result['why']}).\n\n{len(result['candidates'])} candidates from {', '.join(search['methods'])}; "
         f"{result['compute_only']} of them ruled out by compute alone (one unguided sample each); "
         f"{len(result['calibration_seeds'])} calibration seeds, {len(result['held_out_seeds'])} held-out seeds.\n\n"
