@@ -30,15 +30,15 @@ def _fmt(v, spec):
 
 
 def finalists_table(rows: list[dict], chosen: dict) -> str:
-    head = ("setting", "calib PSNR dB", "held-out PSNR dB", "gap dB", "held-out SSIM", "ideal speedup",
+    head = ("setting", "finalist of", "calib PSNR dB", "held-out PSNR dB", "gap dB", "held-out SSIM", "ideal speedup",
             "measured speedup", "held-out class acc", "held-out FD")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c, h = r["calibration"], r["held_out"]
-        name = r["candidate"].label + (" (hand-picked)" if r["hand_picked"] else "") + (
-            " **chosen**" if r is chosen else "")
+        name = r["candidate"].label + (" **chosen**" if r is chosen else "")
+        origin = "hand-picked" if r["hand_picked"] else r["searched"].describe()
         lines.append("| " + " | ".join([
-            name, f"{c.psnr:.2f}", f"{h.psnr:.2f}", f"{r['gap_db']:+.2f}", f"{h.ssim:.4f}",
+            name, origin, f"{c.psnr:.2f}", f"{h.psnr:.2f}", f"{r['gap_db']:+.2f}", f"{h.ssim:.4f}",
             f"{h.ideal_speedup:.2f}x", _fmt(r["measured_speedup"], ".2f") + ("x" if r["measured_speedup"] else ""),
             _fmt(h.class_accuracy, ".3f"), _fmt(h.frechet_distance, ".2f")]) + " |")
     return "\n".join(lines) + "\n"
@@ -59,7 +59,7 @@ def pareto_plot(result: dict, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     pts, front = pareto_points(result)
-    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    fig, ax = plt.subplots(figsize=(12, 6.5), dpi=120)
     ax.scatter([f.ideal_speedup for _, f in pts], [f.psnr for _, f in pts], s=10, color="0.75",
                label=f"all {len(pts)} candidates")
     ax.plot([f.ideal_speedup for _, f in front], [f.psnr for _, f in front], "o-", color="C0", ms=5,
@@ -67,6 +67,14 @@ def pareto_plot(result: dict, path: Path, title: str) -> Path:
     for k, (c, f) in enumerate(front):
         ax.annotate(c.label, (f.ideal_speedup, f.psnr), fontsize=6, xytext=(4, 4 if k % 2 else -8),
                     textcoords="offset points")
+    hand = [r["candidate"] for r in result["rows"] if r["hand_picked"]]
+    if hand:
+        figs = [result["hand_proxy"][c.key] for c in hand]
+        ax.scatter([f.ideal_speedup for f in figs], [f.psnr for f in figs], marker="s", s=22, color="C2",
+                   label="hand-picked (bench)")
+        for c, f in zip(hand, figs):
+            ax.annotate(c.label, (f.ideal_speedup, f.psnr), fontsize=6, color="C2", xytext=(4, -8),
+                        textcoords="offset points")
     chosen = result["chosen"]["candidate"]
     if chosen.key in result["proxy"]:
         f = result["proxy"][chosen.key]
@@ -74,19 +82,48 @@ def pareto_plot(result: dict, path: Path, title: str) -> Path:
                    label=f"chosen: {chosen.label}")
     target = result["target"]
     if target.kind == "speedup":
-        ax.axvline(target.value, color="C3", ls="--", lw=1, label=f"target {target.value:g}x")
+        ax.axvline(target.value, color="C3", ls="--", lw=1, label=f"target {target.value:g}x ({result['basis']})")
+        if result["searched_target"] != target:
+            ax.axvline(result["searched_target"].value, color="C3", ls=":", lw=1,
+                       label=f"searched at {result['searched_target'].value:g}x ideal")
     elif target.kind == "psnr":
         ax.axhline(target.value, color="C3", ls="--", lw=1, label=f"target {target.value:g} dB")
     ax.set_xlabel("ideal speedup (uncached MACs / executed MACs)")
     ax.set_ylabel(f"PSNR vs uncached (dB), {result['proxy_seeds']} seeds")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def hand_picked_line(result: dict) -> str:
+    """One sentence: the best hand-picked setting that meets the target, beside the chosen policy."""
+    target, rows = result["target"], [r for r in result["rows"] if r["hand_picked"]]
+    if not rows:
+        return ""
+    measured = result["basis"] == "measured"
+
+    def speed(r):
+        return r["measured_speedup"] if measured and r["measured_speedup"] else r["held_out"].ideal_speedup
+
+    if target.kind == "speedup":
+        ok = sorted((r for r in rows if speed(r) >= target.value), key=lambda r: -r["calibration"].psnr)
+    elif target.kind == "psnr":
+        ok = sorted((r for r in rows if r["calibration"].psnr >= target.value), key=lambda r: -speed(r))
+    else:
+        ok = sorted((r for r in rows if (r["calibration"].frechet_distance or 0) <= target.value), key=lambda r: -speed(r))
+    kind = "measured" if measured else "ideal"
+    if not ok:
+        best = max(rows, key=speed)
+        return (f"No hand-picked setting meets the target; the fastest is {best['candidate'].label} at "
+                f"{speed(best):.2f}x {kind} speedup and {best['held_out'].psnr:.2f} dB held-out.\n\n")
+    b, c = ok[0], result["chosen"]
+    return (f"Best hand-picked setting meeting the target: {b['candidate'].label}, {b['held_out'].psnr:.2f} dB held-out "
+            f"at {speed(b):.2f}x {kind} speedup (chosen: {c['held_out'].psnr:.2f} dB at {speed(c):.2f}x).\n\n")
 
 
 def figures_dict(row: dict) -> dict:
@@ -115,9 +152,11 @@ def write_outputs(result: dict, tuned_for: dict, policy_path: Path, out_dir: Pat
     md.write_text(
         f"# stepcache tune: {title}\n\nTarget: {result['target'].describe()}{searched}. Chosen: **{chosen['candidate'].label}** "
         f"({result['why']}).\n\n{len(result['candidates'])} candidates from {', '.join(search['methods'])}; "
-        f"{result['compute_only']} of them ruled out by compute alone (one unguided sample each); "
+        f"{result['refused']} refused this model or run ({', '.join(sorted(result['errors'])) or 'none'}), "
+        f"{result['compute_only']} ruled out by compute alone (one unguided sample each), "
+        f"{len(result['proxy'])} sampled for quality; "
         f"{len(result['calibration_seeds'])} calibration seeds, {len(result['held_out_seeds'])} held-out seeds.\n\n"
-        f"## Finalists (and hand-picked settings) on held-out seeds\n\n{finalists_table(result['rows'], chosen)}\n"
+        f"{hand_picked_line(result)}## Finalists (and hand-picked settings) on held-out seeds\n\n{finalists_table(result['rows'], chosen)}\n"
         f"## Pareto front (rung-0 seeds, every candidate)\n\n{front_table(front)}")
     png = pareto_plot(result, out_dir / "tune_pareto.png", title)
     return {"policy": policy, "report": md, "plot": png, "records": out_dir / "tune_records.jsonl"}

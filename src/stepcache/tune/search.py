@@ -48,7 +48,7 @@ class Target:
         return (f.ideal_speedup, f.psnr)
 
     def describe(self) -> str:
-        return {"speedup": f"best PSNR at >= {self.value:g}x ideal speedup",
+        return {"speedup": f"best PSNR at >= {self.value:.3g}x ideal speedup",
                 "psnr": f"fastest at >= {self.value:g} dB PSNR",
                 "fd": f"fastest at judge FD <= {self.value:g}"}[self.kind]
 

@@ -205,7 +205,7 @@ class Tuner:
         self.log(f"tune: {len(cands)} candidates from {len({c.method for c in cands})} methods; "
                  f"{len(self.store)} records already in {self.store.path}")
         compares = self.compare_candidates()
-        searched, found = target, None
+        searched, found, sampled, earlier = target, None, {}, []
         for attempt in range(MEASURED_ATTEMPTS):
             try:
                 pool, alive, seen = self.search(cands, searched)
@@ -213,32 +213,41 @@ class Tuner:
                 if found is None:
                     raise
                 break  # a raised ideal target nobody meets: keep the last search
+            sampled.update((c.key, c) for c in pool)
             finalists = alive[:opts.finalists]
             checked = finalists + [c for c in compares if c.key not in {f.key for f in finalists}]
             speed = self.timing(checked)
-            rows = [self._row(c, speed, c in compares) for c in checked]
-            found = (pool, seen, rows, len(finalists), searched)
+            rows = [self._row(c, speed, c in compares, searched) for c in checked]
+            if found is not None:
+                earlier += found[1][:found[2]]
+            found = (seen, rows, len(finalists), searched)
             raised = self._raised_target(rows[:len(finalists)], searched)
             if raised is None:
                 break
             self.log(f"tune: no finalist reaches {target.value:g}x measured; searching again at {raised:.2f}x ideal")
-            searched = Target("speedup", raised)
-        pool, seen, rows, n_final, searched = found
+            searched = Target("speedup", round(raised, 2))
+        seen, rows, n_final, searched = found
         chosen, why = self._choose(rows[:n_final], searched)
-        proxy = {c.key: self.pooled(c, self.chunks[:1]) for c in pool
+        shown = {r["candidate"].key for r in rows}
+        rows = rows[:n_final] + [r for r in earlier if r["candidate"].key not in shown] + rows[n_final:]
+        proxy = {k: self.pooled(c, self.chunks[:1]) for k, c in sampled.items()
                  if "error" not in self.record(c, self.chunks[0])}
-        return {"target": target, "searched_target": searched, "candidates": cands,
-                "compute_only": len(cands) - len(pool), "chosen": chosen, "why": why, "rows": rows, "proxy": proxy,
+        refused = sum(k not in self.proxy_speed for k in (c.key for c in cands))
+        return {"target": target, "basis": opts.speedup_basis, "searched_target": searched, "candidates": cands,
+                "refused": refused,
+                "compute_only": len(cands) - refused - len(sampled), "chosen": chosen, "why": why, "rows": rows,
+                "proxy": proxy, "hand_proxy": {c.key: self.pooled(c, self.chunks[:1]) for c in compares},
                 "proxy_seeds": len(self.chunks[0]), "seen": seen, "errors": self._errors(cands),
                 "new_runs": self.new_runs, "reference_runs": self.evaluator.reference_runs,
                 "resumed_records": self.store.resumed, "calibration_seeds": self.calibration,
                 "held_out_seeds": list(self.held_out)}
 
-    def _row(self, cand: Candidate, speed: dict, hand_picked: bool) -> dict:
+    def _row(self, cand: Candidate, speed: dict, hand_picked: bool, searched: Target) -> dict:
         calib = self.pooled(cand, self.chunks)
         held = figures([self.record(cand, self.held_out)],
                        [s % self.num_classes for s in self.held_out] if self.judge else None, fd=self.judge)
-        return {"candidate": cand, "hand_picked": hand_picked, "calibration": calib, "held_out": held,
+        return {"candidate": cand, "hand_picked": hand_picked, "searched": searched, "calibration": calib,
+                "held_out": held,
                 "measured_speedup": speed.get(cand.key), "gap_db": calib.psnr - held.psnr}
 
     def _measured_basis(self) -> bool:
