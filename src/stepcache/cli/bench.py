@@ -12,7 +12,7 @@ def _check_specs(specs) -> None:
     """A misspelt method must stop the run, not be skipped while the baseline alone is measured."""
     from stepcache.bench.methods import parse_spec
     from stepcache.errors import ConfigError
-    from stepcache.policies.base import known_methods
+    from stepcache.core.policy import known_methods
 
     known = sorted(set(known_methods()) | {"none"})
     for spec in specs:
