@@ -55,7 +55,8 @@ def candidate(method: str, params: dict, num_steps: int, sampler: str, embedded:
 
 def enumerate_candidates(num_steps: int, sampler: str, embedded: bool, methods=None,
                          log=print) -> list[Candidate]:
-    """Every buildable point of every registered method (or of ``methods``), duplicates removed.
+    """Every buildable point of every registered method that declares a search space (or of
+    ``methods``), duplicates removed.
 
     A point whose settings its config refuses (e.g. DBCache front + back deeper than the model allows
     is only known later; a bad combination of values now) is skipped silently: the search space is a
@@ -73,7 +74,11 @@ def enumerate_candidates(num_steps: int, sampler: str, embedded: bool, methods=N
         if reason:
             log(f"tune: skipping {method}: {reason}")
             continue
-        for params in grid(policy_class(method).search_space()):
+        space = policy_class(method).search_space()
+        if not space:  # declaring a search space is how a method opts in (internal policies never do)
+            log(f"tune: skipping {method}: it declares no search space")
+            continue
+        for params in grid(space):
             try:
                 cand = candidate(method, params, num_steps, sampler, embedded)
             except StepcacheError:
