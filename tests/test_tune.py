@@ -160,6 +160,15 @@ def test_a_killed_tune_resumes_from_its_records(tmp_path, monkeypatch):
     assert again["new_runs"] == 0 and again["reference_runs"] == 0  # references kept on disk too
 
 
+def test_another_target_in_the_same_folder_reuses_the_measurements(tmp_path):
+    make_tuner(tmp_path, target=Target("speedup", 1.5)).tune()
+    quality = make_tuner(tmp_path, target=Target("psnr", 0)).tune()
+    fresh = make_tuner(tmp_path / "fresh", target=Target("psnr", 0)).tune()
+    assert quality["reference_runs"] == 0 and quality["new_runs"] < fresh["new_runs"]
+    assert quality["chosen"]["held_out"] == fresh["chosen"]["held_out"]
+    assert quality["chosen"]["calibration"].ideal_speedup == max(f.ideal_speedup for f in quality["seen"].values())
+
+
 def resumed_store(folder):
     return [json.loads(line) for line in (folder / RECORDS_NAME).read_text().splitlines()[1:]]
 
