@@ -80,7 +80,8 @@ def _model_difference(tuned: dict, model) -> str | None:
         if old.get(key) != ident["config"].get(key):
             return f"a model with {key}={old.get(key)!r}, not {ident['config'].get(key)!r}"
     if ident["fingerprint"] != tuned.get("fingerprint"):
-        return f"other weights of this architecture (fingerprint {tuned.get('fingerprint')}, not {ident['fingerprint']})"
+        return (f"other weights of this architecture (fingerprint {tuned.get('fingerprint')}, "
+                f"not {ident['fingerprint']})")
     return None
 
 

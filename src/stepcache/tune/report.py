@@ -115,20 +115,39 @@ def hand_picked_line(result: dict) -> str:
     elif target.kind == "psnr":
         ok = sorted((r for r in rows if r["calibration"].psnr >= target.value), key=lambda r: -speed(r))
     else:
-        ok = sorted((r for r in rows if (r["calibration"].frechet_distance or 0) <= target.value), key=lambda r: -speed(r))
+        ok = sorted((r for r in rows if (r["calibration"].frechet_distance or 0) <= target.value),
+                    key=lambda r: -speed(r))
     kind = "measured" if measured else "ideal"
     if not ok:
         best = max(rows, key=speed)
         return (f"No hand-picked setting meets the target; the fastest is {best['candidate'].label} at "
                 f"{speed(best):.2f}x {kind} speedup and {best['held_out'].psnr:.2f} dB held-out.\n\n")
     b, c = ok[0], result["chosen"]
-    return (f"Best hand-picked setting meeting the target: {b['candidate'].label}, {b['held_out'].psnr:.2f} dB held-out "
-            f"at {speed(b):.2f}x {kind} speedup (chosen: {c['held_out'].psnr:.2f} dB at {speed(c):.2f}x).\n\n")
+    return (f"Best hand-picked setting meeting the target: {b['candidate'].label}, {b['held_out'].psnr:.2f} dB "
+            f"held-out at {speed(b):.2f}x {kind} speedup (chosen: {c['held_out'].psnr:.2f} dB at {speed(c):.2f}x).\n\n")
 
 
 def figures_dict(row: dict) -> dict:
     return {"calibration": row["calibration"].to_dict(), "held_out": row["held_out"].to_dict(),
             "held_out_gap_db": row["gap_db"], "measured_speedup": row["measured_speedup"]}
+
+
+def report_markdown(result: dict, title: str) -> str:
+    """The report: target and choice, what the search saw, finalists on held-out seeds, the front."""
+    chosen, target, searched = result["chosen"], result["target"], result["searched_target"]
+    how = "" if searched == target else f" (measured basis: searched at {searched.describe()})"
+    methods = sorted({c.method for c in result["candidates"]})
+    refused = ", ".join(sorted(result["errors"])) or "none"
+    return (
+        f"# stepcache tune: {title}\n\nTarget: {target.describe()}{how}. "
+        f"Chosen: **{chosen['candidate'].label}** ({result['why']}).\n\n"
+        f"{len(result['candidates'])} candidates from {', '.join(methods)}; {result['refused']} refused this "
+        f"model or run ({refused}), {result['compute_only']} ruled out by compute alone (one unguided sample "
+        f"each), {len(result['proxy'])} sampled for quality; {len(result['calibration_seeds'])} calibration "
+        f"seeds, {len(result['held_out_seeds'])} held-out seeds.\n\n{hand_picked_line(result)}"
+        f"## Finalists (and hand-picked settings) on held-out seeds\n\n{finalists_table(result['rows'], chosen)}\n"
+        f"## Pareto front (rung-0 seeds, every candidate sampled for quality)\n\n"
+        f"{front_table(pareto_points(result)[1])}")
 
 
 def write_outputs(result: dict, tuned_for: dict, policy_path: Path, out_dir: Path, title: str) -> dict:
@@ -142,21 +161,10 @@ def write_outputs(result: dict, tuned_for: dict, policy_path: Path, out_dir: Pat
     search = {"candidates": len(result["candidates"]), "methods": sorted({c.method for c in result["candidates"]}),
               "refused": result["errors"], "calibration_seeds": result["calibration_seeds"],
               "held_out_seeds": result["held_out_seeds"]}
-    policy = save_policy(policy_path, chosen["candidate"].policy, tuned_for, measured, label=chosen["candidate"].label,
-                         search=search, environment=environment(),
+    policy = save_policy(policy_path, chosen["candidate"].policy, tuned_for, measured,
+                         label=chosen["candidate"].label, search=search, environment=environment(),
                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    pts, front = pareto_points(result)
-    searched = "" if result["searched_target"] == result["target"] else \
-        f" (measured basis: searched at {result['searched_target'].describe()})"
     md = out_dir / "tune_report.md"
-    md.write_text(
-        f"# stepcache tune: {title}\n\nTarget: {result['target'].describe()}{searched}. Chosen: **{chosen['candidate'].label}** "
-        f"({result['why']}).\n\n{len(result['candidates'])} candidates from {', '.join(search['methods'])}; "
-        f"{result['refused']} refused this model or run ({', '.join(sorted(result['errors'])) or 'none'}), "
-        f"{result['compute_only']} ruled out by compute alone (one unguided sample each), "
-        f"{len(result['proxy'])} sampled for quality; "
-        f"{len(result['calibration_seeds'])} calibration seeds, {len(result['held_out_seeds'])} held-out seeds.\n\n"
-        f"{hand_picked_line(result)}## Finalists (and hand-picked settings) on held-out seeds\n\n{finalists_table(result['rows'], chosen)}\n"
-        f"## Pareto front (rung-0 seeds, every candidate)\n\n{front_table(front)}")
+    md.write_text(report_markdown(result, title))
     png = pareto_plot(result, out_dir / "tune_pareto.png", title)
     return {"policy": policy, "report": md, "plot": png, "records": out_dir / "tune_records.jsonl"}
