@@ -5,9 +5,10 @@ Differences from DiT's script, all in service of reproducible 50k-sample evaluat
 - **Per-image seeds** (EDM's per-seed generators, Karras et al. 2022): sample ``k`` uses a generator seeded
   from ``(global_seed, k)`` for its class label, its initial noise and its per-step noise, so image ``k``
   does not depend on the rank, on the number of processes or on which images were sampled before it.
+  ``global_seed`` is one 32-bit word (0..2**32-1); larger seeds are refused rather than aliased to smaller ones.
   Each rank still seeds its global RNG with DiT's ``global_seed * world_size + rank``.
 - **Fixed batches**: batch ``j`` always holds samples ``[j*B, (j+1)*B)``; ranks take the pending batches
-  round-robin. A batch is recomputed whole when any of its PNGs is missing, so its bits never depend on
+  round-robin. A batch is recomputed whole when any of its PNGs is missing or bad, so its bits never depend on
   what was done before (matmul results can depend on the batch's rows, so batches never change shape).
 - **Resume**: PNGs are written atomically (temporary file + rename) as ``DIR/samples/{k:06d}.png``; a rerun
   of the same command decodes every existing PNG (a truncated, empty or wrong-sized one counts as missing)
