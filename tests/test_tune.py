@@ -224,3 +224,30 @@ def test_cli_tune_end_to_end(tmp_path, capsys):
     assert main(argv[:3] + ["--target-speedup", "0.5"] + argv[5:]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "target must be a finite number >= 1" in err[0]
+
+
+def test_policy_file_on_sample_bench_and_demo(tmp_path, capsys):
+    """A tuned policy file runs through --policy; another step count is refused (exit 2) unless --force."""
+    from stepcache.cli.main import main
+    from stepcache.models.embedded import load_embedded
+
+    path = save_policy(tmp_path / "p.json", FORA(2), {"model": model_identity(load_embedded(), "embedded"),
+                                                      "sampler": "ddim", "num_steps": 3, "cfg_scale": 4.0})
+    sample = ["sample", "--model", "embedded", "--sampler", "ddim", "--class-labels", "3", "--policy", str(path)]
+    assert main(sample + ["--num-sampling-steps", "3", "--out-dir", str(tmp_path / "s")]) == 0
+    assert json.loads(next((tmp_path / "s").glob("*.json")).read_text())["policy"] == FORA(2).to_dict()
+    capsys.readouterr()
+    assert main(sample + ["--num-sampling-steps", "4", "--out-dir", str(tmp_path / "s4")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tuned for 3 sampling steps, not 4" in err[0]
+    assert main(sample + ["--num-sampling-steps", "4", "--force", "--out-dir", str(tmp_path / "s4")]) == 0
+    assert main(sample + ["--num-sampling-steps", "3", "--cache", "fora", "--out-dir", str(tmp_path / "x")]) == 2
+    bench = ["bench", "--policies", "fora:interval=3", "--policy", str(path), "--num-samples", "2", "--repeats", "1",
+             "--warmup", "0", "--num-sampling-steps", "3", "--out", str(tmp_path / "b" / "b.jsonl")]
+    assert main(bench) == 0
+    labels = [json.loads(line)["label"] for line in (tmp_path / "b" / "b.jsonl").read_text().splitlines()]
+    assert labels == ["none", "fora(interval=3)", "fora(interval=2)"]
+    capsys.readouterr()
+    assert main(["demo", "--out-dir", str(tmp_path / "d"), "--num-samples", "2", "--num-sampling-steps", "4",
+                 "--policies", "fora:interval=3", "--policy", str(path), "--no-progress"]) == 2
+    assert "not 4" in capsys.readouterr().err
