@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eta", type=int, default=3, help="successive halving keeps 1/eta per rung")
     p.add_argument("--finalists", type=positive_int, default=3, help="best candidates checked on held-out seeds")
     p.add_argument("--timing-repeats", type=int, default=3, help="interleaved timing rounds (0: no timing)")
-    p.add_argument("--timing-seeds", type=positive_int, default=8, help="held-out seeds timed as one batch")
+    p.add_argument("--timing-seeds", type=positive_int, default=16, help="held-out seeds timed as one batch")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("policy.json"), help="policy file to write")
     p.add_argument("--out-dir", type=Path, default=None, help="records, report and plot (default: <out>_tune/)")

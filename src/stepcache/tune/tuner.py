@@ -45,7 +45,7 @@ class TuneOptions:
     keep: int = 3
     finalists: int = 3
     timing_repeats: int = 3
-    timing_seeds: int = 8     # the first held-out seeds, timed as one batch
+    timing_seeds: int = 16    # the first held-out seeds, timed as one batch
     speedup_basis: str = "ideal"
     methods: tuple | None = None
     compare: tuple = ()       # hand-picked specs ("fora:interval=3") measured beside the finalists
