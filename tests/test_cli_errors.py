@@ -93,6 +93,14 @@ EMB = ["--model", "embedded", "--sampler", "ddim", "--num-sampling-steps", "50"]
 
 # (id, argv(bad files, out folder), words the one line must contain)
 CASES = [
+    # ------------------------------------------------------------------ calibrate
+    ("calibrate-trunc-ckpt", lambda b, o: ["calibrate", "--model", "DiT-S/8", "--ckpt", b["trunc_st"], "--out",
+                                           f"{o}/cal.json"], "not a readable"),
+    ("calibrate-no-pipeline", lambda b, o: ["calibrate", "--pipeline", f"{o}/missing", "--out", f"{o}/cal.json"],
+     "not a folder"),
+    ("calibrate-bad-cfg", lambda b, o: ["calibrate", "--cfg-scale", "0.5", "--out", f"{o}/cal.json"], "--cfg-scale"),
+    ("calibrate-out-is-dir", lambda b, o: ["calibrate", "--out", o], "is a folder"),
+    ("calibrate-out-under-file", lambda b, o: ["calibrate", "--out", f"{b['good']}/cal.json"], "is a file"),
     # ------------------------------------------------------------------ sample
     ("sample-trunc-ckpt", lambda b, o: ["sample", "--model", "DiT-S/8", "--ckpt", b["trunc_st"], "--out-dir", o],
      "not a readable"),

@@ -72,8 +72,11 @@ def check_guidance_and_interval(args) -> None:
 # ---------------------------------------------------------------- models
 def load_model(args):
     """(model, is_latent). ``--model embedded`` (pixel space), a preset with --ckpt/--random-weights, or official."""
+    from stepcache.cli import uvit
     from stepcache.models.dit import DiT, parse_preset
 
+    if uvit.is_uvit(args.model):
+        return uvit.load(args)
     if args.model == "embedded":
         if args.ckpt:
             raise ConfigError("--ckpt cannot be combined with --model embedded.")

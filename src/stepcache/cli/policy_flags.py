@@ -148,9 +148,9 @@ def build_policy(args, model=None):
         return _from_file(args, method, params, model)
     if method == "none":
         return None
-    params = {k: convert(method, k, v) for k, v in params.items()}
-    if method == "l2c":
+    if method == "l2c":  # the router is a file, read (and checked) by L2C.from_checkpoint
         return _l2c(args, params, model)
+    params = {k: convert(method, k, v) for k, v in params.items()}
     return PolicyConfig.from_dict({"method": method, **params})
 
 

@@ -93,15 +93,15 @@ def _generators(global_seed: int, indices: range, device: torch.device) -> list[
 
 def sample_batch(model, indices: range, cfg: DDPSampleConfig, device: torch.device, policy=None):
     """Latents or pixels (n, C, H, W) and labels (n,) of samples ``indices``, each from its own generator."""
-    import stepcache
+    from stepcache.sampling.sample import sample
 
     gens = _generators(cfg.global_seed, indices, device)
     labels = torch.stack([torch.randint(model.num_classes, (), generator=g, device=device) for g in gens])  # (n,)
     shape = (model.in_channels, model.input_size, model.input_size)
     noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # (n, C, H, W)
-    out = stepcache.sample(model, noise, labels, num_steps=cfg.num_steps, sampler=cfg.sampler,
-                           cfg_scale=cfg.cfg_scale, policy=policy, guide_channels=cfg.guide_channels,
-                           generator=gens)
+    out = sample(model, noise, labels, num_steps=cfg.num_steps, sampler=cfg.sampler,
+                 cfg_scale=cfg.cfg_scale, policy=policy, guide_channels=cfg.guide_channels,
+                 generator=gens)
     return out, labels
 
 
