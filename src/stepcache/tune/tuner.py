@@ -228,8 +228,8 @@ class Tuner:
             searched = Target("speedup", round(raised, 2))
         seen, rows, n_final, searched = found
         chosen, why = self._choose(rows[:n_final], searched)
-        shown = {r["candidate"].key for r in rows}
-        rows = rows[:n_final] + [r for r in earlier if r["candidate"].key not in shown] + rows[n_final:]
+        ordered, shown = rows[:n_final] + earlier + rows[n_final:], set()
+        rows = [r for r in ordered if not (r["candidate"].key in shown or shown.add(r["candidate"].key))]
         proxy = {k: self.pooled(c, self.chunks[:1]) for k, c in sampled.items()
                  if "error" not in self.record(c, self.chunks[0])}
         refused = sum(k not in self.proxy_speed for k in (c.key for c in cands))
