@@ -20,6 +20,7 @@ from stepcache.policies.magcache import MagCache
 from stepcache.policies.taylorseer import TaylorSeer
 from stepcache.policies.teacache import TeaCache
 from stepcache.policies.toca import ToCa
+from stepcache.policy_file import load_policy
 from stepcache.sampling.sample import sample
 
 from stepcache._version import __version__  # noqa: E402
@@ -27,6 +28,6 @@ from stepcache._version import __version__  # noqa: E402
 __all__ = [
     "DiT", "UViT", "STDiT3", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
     "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "Forecast",
-    "known_methods", "StepcacheError", "ConfigError",
+    "known_methods", "load_policy", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]

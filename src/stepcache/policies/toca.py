@@ -100,6 +100,10 @@ class ToCa(PolicyConfig):
     variant: str = "auto"
     method: ClassVar[str] = "toca"
 
+    @classmethod
+    def search_space(cls) -> dict[str, list]:
+        return {"interval": [2, 3, 4, 5, 6], "fresh_ratio": [0.05, 0.1, 0.2, 0.3]}
+
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ConfigError(f"ToCa interval must be an integer >= 1, got {self.interval!r}.")
