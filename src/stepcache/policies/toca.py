@@ -58,7 +58,7 @@ SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerw
 # (step weight, layer weight) of the schedules of the form ratio * layer_f * step_f * module_f.
 _PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
 DECISIONS = ("reference", "per-step")
-VARIANTS = ("auto", "dit", "pixart")
+VARIANTS = ("auto", "dit", "pixart", "opensora")  # opensora: policies/toca_opensora.py
 # Settings a ToCa() leaves unset (None) take the reference's values of the variant in use.
 VARIANT_DEFAULTS = {
     "dit": {"fresh_ratio": 0.07, "schedule": "ToCa-ddim50", "bonus": 0.6, "bonus_grid": 2},
@@ -99,6 +99,10 @@ class ToCa(PolicyConfig):
     decision: str = "reference"
     variant: str = "auto"
     method: ClassVar[str] = "toca"
+
+    @classmethod
+    def search_space(cls) -> dict[str, list]:
+        return {"interval": [2, 3, 4, 5, 6], "fresh_ratio": [0.05, 0.1, 0.2, 0.3]}
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -248,6 +252,14 @@ class ToCaState:
 class ToCaPolicy(Policy):
     """Per-run state: refresh interval, per-layer staleness counters (rows, T) int32, and the
     score inputs of the last full step (attention received or value norms, (rows, T))."""
+
+    def __new__(cls, config: ToCa, info: ModelInfo):
+        """STDiT3 (or variant="opensora") gets the OpenSora variant's handler (policies/toca_opensora.py)."""
+        from stepcache.policies import toca_opensora as opensora
+
+        if config.variant == "opensora" or (config.variant == "auto" and info.variant == "opensora"):
+            return opensora.OpenSoraToCaPolicy(config, info)
+        return super().__new__(cls)
 
     needs_input: ClassVar[tuple] = ("mlp", "cross")  # scored from the branch input; others may be decided ahead
 
