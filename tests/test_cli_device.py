@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": ["demo", "--out-dir", "{out}", "--num-samples", "2"],
     "train-router": ["train-router", "--out", "{out}/r.safetensors", "--iters", "1"],
     "calibrate": ["calibrate", "--out", "{out}/c.json", "--num-samples", "1"],
+    "tune": ["tune", "--target-speedup", "2", "--out", "{out}/p.json"],
 }
 
 
@@ -46,7 +47,7 @@ def test_unknown_device_is_one_sentence(name, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "--device must be cpu, cuda or cuda:N" in err[0]
 
 
-@pytest.mark.parametrize("name", ["sample", "sample-ddp", "bench", "demo", "calibrate"])
+@pytest.mark.parametrize("name", ["sample", "sample-ddp", "bench", "demo", "calibrate", "tune"])
 def test_unknown_dtype_is_an_argparse_error(name, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(_argv(name, tmp_path / "out", "--dtype", "fp8"))
