@@ -75,6 +75,12 @@ def run(args) -> int:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
     if args.max_fd is not None and args.model != "embedded":
         raise ConfigError("--max-fd needs the digit judge, which scores only --model embedded.")
+    if args.methods:  # a misspelt method stops the run before anything is written
+        from stepcache.cli.policy_flags import menu
+
+        unknown = sorted(set(args.methods) - set(menu()))
+        if unknown:
+            raise ConfigError(f"Unknown cache method {unknown[0]!r}; known: {', '.join(menu()[1:])}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = args.out_dir or args.out.with_name(args.out.stem + "_tune")
