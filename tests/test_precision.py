@@ -79,11 +79,17 @@ def test_every_policy_runs_in_half(dtype, spec):
     assert seen == {dtype}
 
 
-def test_uvit_bf16_runs():
+@pytest.mark.parametrize("spec", METHODS, ids=lambda s: s["method"])
+def test_every_policy_runs_on_uvit_in_bf16(spec):
     model = tiny_uvit().to(torch.bfloat16)
     noise, _ = _inputs(torch.bfloat16)
-    out = stepcache.sample(model, noise, torch.tensor([1, 2]), num_steps=5, sampler="ddim", policy=stepcache.FORA(2))
+    seen, hooks = _block_dtypes(model)
+    out = stepcache.sample(model, noise, torch.tensor([1, 2]), num_steps=6, sampler="ddim",
+                           policy=PolicyConfig.from_dict(spec))
+    for h in hooks:
+        h.remove()
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert seen == {torch.bfloat16}
 
 
 def test_float32_noise_with_bf16_model_returns_float32():
