@@ -46,6 +46,8 @@ def resolve(cfg):
     """The ToCa config with the OpenSora defaults for unset settings (``schedule=None`` stands for the
     reference's "ToCa" schedule); refuses what the reference lacks."""
     cfg = replace(cfg, variant="opensora", fresh_ratio=FRESH_RATIO if cfg.fresh_ratio is None else cfg.fresh_ratio)
+    if cfg.forecast:
+        raise ConfigError("ToCa forecast=True is a composition of the DiT rules, not available on OpenSora.")
     if cfg.schedule is not None and cfg.schedule not in SCHEDULES:
         raise ConfigError(f"ToCa schedule {cfg.schedule!r} does not exist for OpenSora; leave it unset (the "
                           f"reference's 'ToCa' schedule) or choose one of {', '.join(SCHEDULES)}.")
