@@ -12,8 +12,9 @@ from stepcache.sampling.precision import at_boundary, model_dtype, state_dtype
 
 HALF = (torch.bfloat16, torch.float16)
 # every method that runs on a tiny DiT with its defaults (L2C needs a router, MagCache/TeaCache calibration)
-METHODS = ({"method": "fora", "interval": 3}, {"method": "toca"}, {"method": "taylorseer"}, {"method": "forecast"},
-           {"method": "fbcache"}, {"method": "dbcache", "front": 1, "back": 1})
+METHODS = ({"method": "fora", "interval": 3}, {"method": "toca"}, {"method": "toca", "forecast": True},
+           {"method": "taylorseer"}, {"method": "forecast"}, {"method": "fbcache"},
+           {"method": "dbcache", "front": 1, "back": 1})
 
 
 def _inputs(dtype, n=2):
@@ -67,7 +68,7 @@ def test_bf16_caching_changes_the_output_and_stays_close():
 
 
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("spec", METHODS, ids=lambda s: s["method"])
+@pytest.mark.parametrize("spec", METHODS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
 def test_every_policy_runs_in_half(dtype, spec):
     model = tiny_dit().to(dtype)
     noise, labels = _inputs(dtype)
@@ -79,7 +80,7 @@ def test_every_policy_runs_in_half(dtype, spec):
     assert seen == {dtype}
 
 
-@pytest.mark.parametrize("spec", METHODS, ids=lambda s: s["method"])
+@pytest.mark.parametrize("spec", METHODS, ids=lambda s: "-".join(f"{v}" for v in s.values()))
 def test_every_policy_runs_on_uvit_in_bf16(spec):
     model = tiny_uvit().to(torch.bfloat16)
     noise, _ = _inputs(torch.bfloat16)
