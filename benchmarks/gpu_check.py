@@ -181,7 +181,10 @@ def diffusers_model(native, args, device, dtype):
     for name in ("to_diffusers", "native_to_diffusers", "dit_to_diffusers"):
         fn = getattr(convert, name, None)
         if callable(fn):
-            return fn(native.float().cpu()).eval().to(device=device, dtype=dtype), f"converted ({convert.__name__}.{name})"
+            # the same weights rebuilt (randomize_ is seeded) in float32 on the CPU: the timed model, maybe
+            # compiled by now, stays as it is
+            source = native_model(args, torch.device("cpu"), torch.float32)
+            return fn(source).eval().to(device=device, dtype=dtype), f"converted ({convert.__name__}.{name})"
     c = native.config
     torch.manual_seed(0)
     tr = DiTTransformer2DModel(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads,

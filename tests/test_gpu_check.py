@@ -53,3 +53,30 @@ def test_shell_wrapper_runs_the_script(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(record["sections"]["native eager"]["methods"]) == ["none", "fora:interval=2"]
+
+
+def test_peers_use_the_converter_when_the_build_has_one(gpu_check, monkeypatch):
+    """With ``stepcache.models.convert`` present, the diffusers model is made from the native weights (rebuilt in
+    float32 on the CPU, equal to the timed model's), not from random ones."""
+    import sys
+    import types
+
+    import torch
+
+    pytest.importorskip("diffusers")
+    seen = {}
+
+    def to_diffusers(native):
+        seen["native"] = native
+        return torch.nn.Linear(2, 2)  # stands in for the converted transformer
+
+    monkeypatch.setitem(sys.modules, "stepcache.models.convert",
+                        types.SimpleNamespace(__name__="stepcache.models.convert", to_diffusers=to_diffusers))
+    args = gpu_check.parse(["--tiny"])
+    timed = gpu_check.native_model(args, torch.device("cpu"), torch.bfloat16)
+    model, weights = gpu_check.diffusers_model(timed, args, torch.device("cpu"), torch.bfloat16)
+    assert weights.startswith("converted") and next(model.parameters()).dtype == torch.bfloat16
+    source = seen["native"]
+    assert next(source.parameters()).dtype == torch.float32 and next(timed.parameters()).dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(source.state_dict().items(), timed.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
