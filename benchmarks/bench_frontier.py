@@ -360,6 +360,18 @@ def markdown(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ABBREVIATIONS = (("interval=", "N="), ("order=", "O="), ("threshold=", "t="), ("fresh_ratio=", "R="),
+                 ("modules=", ""), ("FirstBlockCache", "FBCache"), (", B=0", ""), ("F=1", "F1"))
+
+
+def short_label(label: str) -> str:
+    """The plot's point label: the method without its side, settings abbreviated."""
+    text = label.split(" ", 1)[1]
+    for long, short in ABBREVIATIONS:
+        text = text.replace(long, short)
+    return text
+
+
 STYLE = {"stepcache": ("tab:blue", "o"), "diffusers": ("tab:orange", "s"), "cache-dit": ("tab:green", "^")}
 
 
@@ -372,6 +384,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
 
     pts = [r for r in runs if "psnr" in r and r["method"] != "none"]
     fig, ax = plt.subplots(figsize=(11, 7.5), dpi=110)
+    placed = []  # labelled points so far; a label next to one of them moves down a line
     for side, (color, marker) in STYLE.items():
         rs = sorted((r for r in pts if r["side"] == side), key=lambda r: r["block_fraction"])
         if not rs:
@@ -385,8 +398,10 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
                 best = r["psnr"]
         ax.step([r["block_fraction"] for r in front], [r["psnr"] for r in front], where="post", c=color, alpha=0.4)
         for r in rs:
-            text = r["label"].split(" ", 1)[1] + f" {r['speedup']:.1f}x"
-            ax.annotate(text, (r["block_fraction"], r["psnr"]), fontsize=6, color=color, xytext=(3, 2),
+            text = short_label(r["label"]) + f" {r['speedup']:.1f}x"
+            near = sum(abs(r["block_fraction"] - x) < 0.03 and abs(r["psnr"] - y) < 0.5 for x, y in placed)
+            placed.append((r["block_fraction"], r["psnr"]))
+            ax.annotate(text, (r["block_fraction"], r["psnr"]), fontsize=6, color=color, xytext=(3, 2 - 8 * near),
                         textcoords="offset points")
     ax.axvspan(0.25, 0.6, color="grey", alpha=0.06)
     ax.set_xlabel("block compute executed (fraction of uncached MACs)")
