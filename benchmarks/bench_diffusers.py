@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import stepcache  # noqa: E402
 from stepcache import FORA, ToCa  # noqa: E402
-from stepcache.adapters.diffusers_common import linear_macs  # noqa: E402
-from stepcache.adapters.pixart import PixArtAdapter  # noqa: E402
+from stepcache.adapters.diffusers.common import linear_macs  # noqa: E402
+from stepcache.adapters.diffusers.pixart import PixArtAdapter  # noqa: E402
 from helpers import randomize  # noqa: E402
 
 

@@ -25,8 +25,8 @@ import stepcache
 from stepcache.cli.common import environment, randomize_
 from stepcache.eval.fidelity import fidelity
 from stepcache.policies.l2c import L2C, active_units, cache_steps, save_router
-from stepcache.policies.l2c_data import RouterData, load_data
-from stepcache.policies.l2c_train import RouterTrainConfig, model_identity, router_mse, train_router
+from stepcache.training.l2c_data import RouterData, load_data
+from stepcache.training.l2c import RouterTrainConfig, model_identity, router_mse, train_router
 
 ASSETS = Path(stepcache.__file__).resolve().parent / "assets"
 

@@ -32,7 +32,7 @@ SETTINGS = {"ddim": (50, 3, "ToCa-ddim50"), "ddpm": (250, 4, "ToCa-ddpm250")}  #
 
 def cache_bytes(handle) -> int:
     """Bytes of the cached branch outputs plus the policy's per-run tensors (scores, counters)."""
-    tensors = list(handle.store.values())
+    tensors = [t for c in handle.state.calls.values() for t in c.store.values()]
     for attr in ("saved", "counters"):
         tensors += [t for t in getattr(handle.handler, attr, {}).values() if t is not None]
     return sum(t.numel() * t.element_size() for t in tensors)

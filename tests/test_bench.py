@@ -23,7 +23,8 @@ def test_parse_and_build_specs():
     assert build_policy("fora:interval=4", 10, "ddim") == FORA(interval=4)
     assert policy_label(FORA(interval=4)) == "fora(interval=4)"
     assert method_unavailable("none", 10, "ddim", True) is None
-    assert "not implemented" in method_unavailable("teacache", 10, "ddim", True)
+    assert "not implemented" in method_unavailable("nosuch", 10, "ddim", True)
+    assert method_unavailable("teacache", 10, "ddim", True) is None
     with pytest.raises(ConfigError):
         build_policy("fora:interval", 10, "ddim")
     with pytest.raises(ConfigError):
@@ -43,8 +44,8 @@ def test_sweep_records_are_well_formed_and_not_duplicated(tmp_path):
     loaded = LoadedModel(tiny_dit(depth=2, hidden=32, heads=2), {"name": "tiny-test"}, embedded=False)
     out = tmp_path / "r.jsonl"
     logs = []
-    records = sweep(loaded, ["fora:interval=2", "teacache"], TINY, out, log=logs.append)
-    assert any("skipping teacache" in m for m in logs)
+    records = sweep(loaded, ["fora:interval=2", "l2c"], TINY, out, log=logs.append)
+    assert any("skipping l2c" in m for m in logs)
     lines = out.read_text().splitlines()
     assert len(lines) == 2 and len(records) == 2
     base, fora = (json.loads(line) for line in lines)

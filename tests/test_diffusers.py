@@ -17,9 +17,9 @@ pytest.importorskip("transformers")  # the text-to-image pipelines import it eve
 import stepcache  # noqa: E402
 from stepcache import FORA, NoCache  # noqa: E402
 from stepcache.errors import ClockError, ConfigError, UnsupportedModelError  # noqa: E402
-from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy  # noqa: E402
-from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial  # noqa: E402
-from stepcache.runtime.context import StepContext  # noqa: E402
+from stepcache.core.policy import PolicyConfig, PolicyHandler, register_policy  # noqa: E402
+from stepcache.core.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial  # noqa: E402
+from stepcache.core.context import StepContext  # noqa: E402
 from helpers import randomize  # noqa: E402
 
 STEPS = 3
@@ -44,7 +44,8 @@ class ProbeHandler(PolicyHandler):
         super().reset(run)
         self.seen, self.maps, self.runs = [], [], getattr(self, "runs", []) + [run]
 
-    def decide(self, ctx, layer, branch):
+    def decide(self, ctx, site, view):
+        layer, branch = site.layer, site.name
         self.seen.append((ctx.i, ctx.call, layer, branch))
         if ctx.is_first:
             if self.config.values and branch == "attn":
@@ -56,11 +57,11 @@ class ProbeHandler(PolicyHandler):
             return Partial(torch.arange(k).expand(self.run.batch, k))
         return REUSE
 
-    def observe(self, ctx, layer, branch, attn_map=None, values=None, **kw):
-        if attn_map is not None:
-            self.maps.append(attn_map)
-        if values is not None:
-            self.maps.append(values)
+    def observe(self, ctx, site, result):
+        if result.attn_map is not None:
+            self.maps.append(result.attn_map)
+        if result.values is not None:
+            self.maps.append(result.values)
 
 
 # ------------------------------------------------------------------------------ tiny families
@@ -365,24 +366,24 @@ def test_toca_map_score_on_sd3_raises_naming_usable_scores():
 
 def test_toca_state_is_kept_per_model_call():
     """FLUX true CFG calls the model twice per step: each call has its own staleness counters."""
-    from stepcache.policies.base import ModelInfo
-    from stepcache.policies.toca import ToCa, ToCaHandler
-    from stepcache.runtime.context import RunInfo
+    from stepcache.core.context import ModelInfo, RunInfo
+    from stepcache.core.harness import PolicyDriver
+    from stepcache.policies.toca import ToCa
 
     info = ModelInfo(depth=1, num_tokens=4, grid=(2, 2), branches=("attn", "mlp", "context_mlp"),
                      family="diffusers.FluxTransformer2DModel")
-    handler = ToCaHandler(ToCa(interval=3, fresh_ratio=0.5, schedule="constant", score="norm", bonus=0), info)
+    handler = PolicyDriver(ToCa(interval=3, fresh_ratio=0.5, schedule="constant", score="norm", bonus=0), info)
     handler.reset(RunInfo(num_steps=3, batch=1))
     actions = []
     for i in (2, 1):
         for call in (0, 1):
             ctx = StepContext(i, 3, call=call)
             attn = handler.decide(ctx, 0, "attn")
-            handler.see_tokens(ctx, 0, "mlp", torch.randn(1, 4, 8), torch.randn(1, 4, 8))
-            actions.append((attn, handler.decide(ctx, 0, "mlp"), handler.decide(ctx, 0, "context_mlp")))
+            mlp = handler.decide(ctx, 0, "mlp", x=torch.randn(1, 4, 8), cached=torch.randn(1, 4, 8))
+            actions.append((attn, mlp, handler.decide(ctx, 0, "context_mlp")))
     assert [a[2] for a in actions] == [COMPUTE, COMPUTE, REUSE, REUSE]
     assert all(isinstance(a[1], Partial) and a[1].index.shape == (1, 2) for a in actions[2:])
-    counters = [handler.counters[0], handler.states[0]["counters"][0]]  # call 1 (active), call 0
+    counters = [handler.call_state(1).counters[0], handler.call_state(0).counters[0]]
     assert [int(c.max()) for c in counters] == [1, 1] and [int(c.sum()) for c in counters] == [2, 2]
 
 
@@ -395,9 +396,9 @@ def test_toca_dit_variant_on_pixart_shares_cross_tokens_with_mlp_and_r0_is_fora(
     with stepcache.apply(pipe, policy) as handle:
         decide, chosen = handle.handler.decide, {}
 
-        def record(ctx, layer, branch):
-            action = decide(ctx, layer, branch)
-            chosen.setdefault((ctx.i, layer, branch), action)
+        def record(ctx, site, view):
+            action = decide(ctx, site, view)
+            chosen.setdefault((ctx.i, site.layer, site.name), action)
             return action
 
         handle.handler.decide = record
@@ -468,15 +469,15 @@ def test_toca_pixart_variant_follows_the_reference_rules(rows, S, N, full_p):
         assert handler.pixart and handler.config.fresh_ratio == 0.30 and handler.config.bonus_grid == 4
         decide, observe = handler.decide, handler.observe
 
-        def record_decide(ctx, layer, branch):
-            action = decide(ctx, layer, branch)
-            events.append(("decide", ctx.num_steps - 1 - ctx.i, layer, branch, action))
+        def record_decide(ctx, site, view):
+            action = decide(ctx, site, view)
+            events.append(("decide", ctx.num_steps - 1 - ctx.i, site.layer, site.name, action))
             return action
 
-        def record_observe(ctx, layer, branch, attn_map=None, values=None, index=None):
-            observe(ctx, layer, branch, attn_map=attn_map, values=values, index=index)
-            if attn_map is not None:
-                events.append(("map", layer, branch, attn_map.clone(), index))
+        def record_observe(ctx, site, result):
+            observe(ctx, site, result)
+            if result.attn_map is not None:
+                events.append(("map", site.layer, site.name, result.attn_map.clone(), result.index))
 
         handler.decide, handler.observe = record_decide, record_observe
         pe, ne = _embeds(rows, 6, 32, 0)[0], _embeds(rows, 6, 32, 50)[0]
@@ -531,12 +532,14 @@ def test_toca_pixart_variant_follows_the_reference_rules(rows, S, N, full_p):
 
 def test_toca_variant_settings_are_checked():
     from stepcache import ToCa
-    from stepcache.policies.base import ModelInfo
-    from stepcache.policies.toca import ToCaHandler
+    from stepcache.core.context import ModelInfo
+    from stepcache.policies.toca import ToCaPolicy as ToCaHandler
 
     pixart = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "cross", "mlp"),
-                       family="diffusers.PixArtTransformer2DModel")
-    dit = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "mlp"))
+                       family="diffusers.PixArtTransformer2DModel", variant="pixart",
+                       capabilities=frozenset({"attention_map"}))
+    dit = ModelInfo(depth=2, num_tokens=16, grid=(4, 4), branches=("attn", "mlp"),
+                    capabilities=frozenset({"attention_map"}))
     assert ToCaHandler(ToCa(), dit).config.fresh_ratio == 0.07
     assert ToCaHandler(ToCa(fresh_ratio=0.2, bonus=0.0), pixart).config.schedule == "ToCa-pixart"
     for bad, info in ((ToCa(schedule="ToCa-ddim50"), pixart), (ToCa(score="compress"), pixart),
@@ -607,7 +610,7 @@ def test_sd3_skip_layer_guidance_call_runs_uncached():
 def test_norms_feeding_a_reused_branch_are_skipped_without_changing_the_output(name, monkeypatch):
     """A LayerNorm whose output only feeds a reused site returns one token instead of all; the block's
     modulation broadcasts it and the reused site never reads it: outputs are bit-identical."""
-    from stepcache.adapters.diffusers_common import DiffusersAdapter
+    from stepcache.adapters.diffusers.common import DiffusersAdapter
 
     build, run = FAMILIES[name]
     pipe = build()
@@ -625,3 +628,96 @@ def test_norms_feeding_a_reused_branch_are_skipped_without_changing_the_output(n
     hook.remove()
     assert torch.equal(fast, slow)
     assert 1 in skipped and 1 not in widths  # the reuse step (i = 1) skipped the norm
+
+
+# ------------------------------------------------------------------------------ spans of blocks (engine v2)
+def test_spans_of_blocks_on_every_family(family):
+    """A span computed at every step equals the plain pipeline bit for bit; a reused span changes the output,
+    skips its blocks' branches and saves work; remove() restores every block forward."""
+    from test_engine import SpanProbe
+
+    name, pipe, run, base = family
+    depth = len(stepcache.api.find_adapter(pipe)[1].blocks(pipe.transformer))
+    spans = ((0, 1), (1, depth))
+    with stepcache.apply(pipe, SpanProbe(spans_=spans, every=1)):
+        assert torch.equal(run(pipe), base)
+    with stepcache.apply(pipe, SpanProbe(spans_=spans, every=2)) as handle:
+        out = run(pipe)
+        stats = handle.stats()
+        observed = handle.handler.observed
+    assert torch.isfinite(out).all() and (out - base).abs().max() > 1e-7
+    assert stats.macs_executed < stats.macs_uncached and stats.kind_counts()["reuse"] == 1
+    assert {site.end for _, site, _, _ in observed} == {1, depth}
+    assert all(o == x for _, _, o, x in observed)  # residual shaped like the stream it applies to
+    assert all("forward" not in m.__dict__ for m in pipe.transformer.modules())
+    assert torch.equal(run(pipe), base)
+
+
+# ------------------------------------------------------------------------------ the diffusers habits (issue 12)
+def test_apply_to_pipe_transformer_then_call_the_pipeline(family, monkeypatch):
+    """``stepcache.apply(pipe.transformer, policy)`` then ``pipe(...)``: the same as applying to the pipeline, whether
+    the pipeline is found at apply time (it holds the transformer) or at the first call (from the calling frame)."""
+    from stepcache.adapters.diffusers import clock
+
+    name, pipe, run, base = family
+    with stepcache.apply(pipe, FORA(2)):
+        want = run(pipe)
+    with stepcache.apply(pipe.transformer, FORA(2)) as handle:
+        assert torch.equal(run(pipe), want) and handle.stats().nfe == STEPS
+        assert torch.equal(run(pipe), want)  # a second call starts a fresh run
+    assert type(pipe).__name__ == type(pipe).__mro__[0].__name__ and "_stepcache_clock" not in pipe.__dict__
+    monkeypatch.setattr(clock, "find_pipeline", lambda transformer: None)
+    with stepcache.apply(pipe.transformer, FORA(2)) as handle:
+        assert handle.clock is None
+        assert torch.equal(run(pipe), want)  # adopted from the stack at the first call
+        assert torch.equal(run(pipe), want)
+    assert "_stepcache_clock" not in pipe.__dict__ and torch.equal(run(pipe), base)
+
+
+def test_clock_accepts_a_bfloat16_timestep():
+    from stepcache.adapters.diffusers.clock import _tolerance
+
+    expected = 928.571
+    t = float(torch.tensor(expected / 1000, dtype=torch.bfloat16)) * 1000  # FLUX's t / 1000 in bf16
+    assert abs(t - expected) > 1e-3 * expected  # the old check refused it
+    assert abs(t - expected) <= _tolerance(torch.tensor([0.5], dtype=torch.bfloat16), expected)
+    assert _tolerance(torch.tensor([0.5]), expected) == pytest.approx(1e-3 * expected)
+
+
+def test_flux_in_bfloat16_runs_cached():
+    pipe = build_flux()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.to(torch.bfloat16)
+    bf = torch.bfloat16
+
+    def run():
+        pe, pp = _embeds((0,), 6, 32, 0)[0].to(bf), torch.randn(1, 32, generator=torch.Generator().manual_seed(7))
+        return pipe(prompt=None, prompt_embeds=pe, pooled_prompt_embeds=pp.to(bf), height=64, width=64,
+                    latents=_latents((0,), (16, 16)).to(bf), num_inference_steps=6, output_type="latent").images
+
+    base = run()
+    with stepcache.apply(pipe, FORA(1)):
+        assert torch.equal(run(), base)
+    with stepcache.apply(pipe, FORA(3)) as handle:
+        out = run()
+    assert torch.isfinite(out.float()).all() and handle.stats().full_steps() == [5, 3, 0]
+
+
+@pytest.mark.parametrize("name", ["pixart", "sd3"])
+def test_coexists_with_layerwise_casting_and_group_offload(name):
+    build, run = FAMILIES[name]
+    for enable in ("layerwise", "offload"):
+        pipe = build()
+        pipe.set_progress_bar_config(disable=True)
+        if enable == "layerwise":
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+        else:
+            pipe.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level",
+                                                  num_blocks_per_group=1)
+        base = run(pipe)
+        with stepcache.apply(pipe, FORA(1)):
+            assert torch.equal(run(pipe), base)
+        with stepcache.apply(pipe, FORA(2)) as handle:
+            out = run(pipe)
+        assert torch.isfinite(out).all() and handle.stats().macs_executed < handle.stats().macs_uncached
+        assert torch.equal(run(pipe), base)

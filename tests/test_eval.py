@@ -1,5 +1,6 @@
 """ADM metrics on closed-form cases and against independent numpy/scipy/sklearn formulas; npz pipeline; eval CLI."""
 
+import hashlib
 import json
 import urllib.error
 import urllib.request
@@ -185,7 +186,7 @@ def _offline(url, timeout=None):
 
 
 def test_digit_features_offline_path_real_digits_score_perfectly(tmp_path):
-    from stepcache.cli.common import to_uint8
+    from stepcache.io import to_uint8
     from stepcache.models.embedded import digits_data
 
     real, _ = digits_data("test")
@@ -217,17 +218,18 @@ class _Layers(torch.nn.Module):
 
 
 class _FakeInception(torch.nn.Module):
-    """The TorchScript interface of inception-2015-12-05.pt (layers.*, return_features, no_output_bias)."""
+    """The TorchScript interface of inception-2015-12-05.pt (layers.*, return_features, no_output_bias) and its
+    output sizes (2048 pool features, 1008 classes): the channel means, padded with zeros."""
 
     def __init__(self):
         super().__init__()
         self.layers = _Layers()
-        self.fc = torch.nn.Linear(3, 5)
+        self.fc = torch.nn.Linear(3, 1008)
 
     def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False):
         feats = img.float().mean(dim=(2, 3))                                        # (N, 3)
         if return_features:
-            return feats
+            return torch.cat([feats, feats.new_zeros(feats.shape[0], 2045)], dim=1)  # (N, 2048)
         logits = feats @ self.fc.weight.T if no_output_bias else self.fc(feats)
         return torch.softmax(logits, dim=1)
 
@@ -239,7 +241,7 @@ def test_inception_wrapper_plumbing_on_a_fake_torchscript(tmp_path):
     imgs = _images(11, n=2, hw=6)
     out = net(imgs)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).double()
-    np.testing.assert_allclose(out.pool, x.mean(dim=(2, 3)).numpy(), rtol=1e-6)  # no grad leaks either
+    np.testing.assert_allclose(out.pool[:, :3], x.mean(dim=(2, 3)).numpy(), rtol=1e-6)  # no grad leaks either
     with torch.no_grad():
         conv = net.net.layers.mixed_6.conv(tf_bilinear_resize(x.float()))             # (2, 9, 299, 299)
     want = conv[:, :7].permute(0, 2, 3, 1).reshape(2, -1).double().numpy()            # NHWC order, as ADM
@@ -248,3 +250,45 @@ def test_inception_wrapper_plumbing_on_a_fake_torchscript(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not torchscript")
     with pytest.raises(features.CheckpointError):
         features.InceptionFeatures(tmp_path / "bad.pt")
+
+
+def test_inception_file_is_checked_by_checksum(tmp_path, monkeypatch):
+    """Issue 13 item 7: the TorchScript file was loaded without a checksum. A pinned digest is enforced; without
+    one, the digest seen at the first verified load is kept beside the file and a changed file is refused."""
+    monkeypatch.delenv("STEPCACHE_INCEPTION_SHA256", raising=False)
+    path = tmp_path / "inception.pt"
+    torch.jit.script(_FakeInception()).save(str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert features.InceptionFeatures(path, sha256=digest).sha256 == digest
+    with pytest.raises(features.CheckpointError, match="checksum"):
+        features.InceptionFeatures(path, sha256="0" * 64)
+    monkeypatch.setenv("STEPCACHE_INCEPTION_SHA256", "1" * 64)
+    with pytest.raises(features.CheckpointError, match="checksum"):
+        features.InceptionFeatures(path)
+    monkeypatch.delenv("STEPCACHE_INCEPTION_SHA256")
+    assert (tmp_path / "inception.pt.sha256").read_text().split()[0] == digest     # remembered
+    other = _FakeInception()
+    torch.nn.init.ones_(other.fc.weight)
+    torch.jit.script(other).save(str(path))                                        # the file is replaced
+    with pytest.raises(features.CheckpointError, match="checksum"):
+        features.InceptionFeatures(path)
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "linear.pt"))      # TorchScript, but not Inception
+    with pytest.raises(features.CheckpointError, match="Inception"):
+        features.InceptionFeatures(tmp_path / "linear.pt")
+
+
+def test_reference_statistics_and_arrays_are_checked(tmp_path, capsys):
+    """Issue 13 items 4 and 6: an object array as --ref was a traceback; NaN statistics gave ``fid: nan``."""
+    np.savez(tmp_path / "s.npz", arr_0=_images(12))
+    np.savez(tmp_path / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3))
+    np.savez(tmp_path / "inf.npz", mu=np.zeros(3), sigma=np.full((3, 3), np.inf))
+    np.savez(tmp_path / "obj.npz", arr_0=np.array([{"a": 1}, None], dtype=object))
+    np.savez(tmp_path / "objmu.npz", mu=np.array([1, None], dtype=object), sigma=np.eye(2))
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(3), sigma=np.eye(4))
+    for name, needle in [("nan", "NaN"), ("inf", "NaN or infinite"), ("obj", "object array"),
+                         ("objmu", "object array"), ("shape", "shapes")]:
+        code = main(["eval", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / f"{name}.npz"),
+                     "--features", "digits", "--out", str(tmp_path / f"{name}.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], (name, err)
+        assert not (tmp_path / f"{name}.json").exists()

@@ -7,9 +7,10 @@ import stepcache
 from stepcache import FORA, NoCache, sample
 from stepcache.diffusion.schedule import Diffusion
 from stepcache.models.dit import modulate
-from stepcache.policies.base import ModelInfo, make_handler
+from stepcache.core.policy import make_handler
+from stepcache.core.context import ModelInfo, SiteKey
 from stepcache.policies.fora import fora_refresh
-from stepcache.runtime.context import RunInfo, StepContext
+from stepcache.core.context import RunInfo, StepContext
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import ddpm_step
 from helpers import tiny_dit
@@ -28,7 +29,8 @@ def _run(model, steps, policy, sampler="ddpm", n=2, seed=0, cfg=1.5):
 def test_refresh_counts_match_spec(steps, interval, count):
     handler = make_handler(FORA(interval), ModelInfo(depth=1, num_tokens=4, grid=(2, 2), branches=("attn", "mlp")))
     handler.reset(RunInfo(steps, 1))
-    full = [i for i in range(steps - 1, -1, -1) if handler.decide(StepContext(i, steps), 0, "mlp").kind == "compute"]
+    full = [i for i in range(steps - 1, -1, -1) if handler.decide(StepContext(i, steps), SiteKey(0, "mlp"), None).kind
+            == "compute"]
     assert len(full) == count
     assert full[0] == steps - 1 and full[-1] == 0
 
@@ -118,16 +120,16 @@ def test_cond_and_uncond_rows_keep_their_own_features():
         torch.manual_seed(1)
         handle.begin_run(4, 2, cfg=True)
         # Drive two steps by hand and look inside the store.
-        from stepcache.runtime.context import StepContext
+        from stepcache.core.context import StepContext
 
         handle.set_step(StepContext(3, 4))
         x2 = torch.cat([z, z])
         yy = torch.tensor([4, model.num_classes])
         with torch.no_grad():
             model(x2, torch.tensor([999, 999]), yy)
-        a = handle.store[(0, "attn")]
+        a = handle.state.call(0).store[SiteKey(0, "attn")]
         assert a.shape[0] == 2 and not torch.allclose(a[0], a[1])  # same input, different labels
-    assert not handle.store  # freed on remove
+    assert not handle.state.calls  # freed on remove
 
 
 def test_rows_are_independent_of_batch_company():

@@ -13,9 +13,9 @@ import stepcache
 from stepcache import L2C, sample
 from stepcache.diffusion.schedule import Diffusion
 from stepcache.policies.l2c import active_units, cache_steps, load_router, save_router
-from stepcache.policies.l2c_data import RouterData
-from stepcache.policies.l2c_report import expected_macs, format_table, heatmap, model_for_macs, router_report
-from stepcache.policies.l2c_train import RouterTrainConfig, router_mse, train_router
+from stepcache.training.l2c_data import RouterData
+from stepcache.training.l2c_report import expected_macs, format_table, heatmap, model_for_macs, router_report
+from stepcache.training.l2c import RouterTrainConfig, router_mse, train_router
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import ddim_step
 from helpers import tiny_dit
@@ -301,7 +301,7 @@ def test_cli_train_resume_and_report(tmp_path, capsys):
 def test_data_sources(tmp_path):
     from PIL import Image
 
-    from stepcache.policies.l2c_data import load_data
+    from stepcache.training.l2c_data import load_data
 
     model = tiny_dit(depth=1, hidden=16, heads=2, input_size=8)
     x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 2])
@@ -331,14 +331,15 @@ def test_data_sources(tmp_path):
 
 
 def test_handler_routes_attn_and_mlp_only():
-    from stepcache.policies.base import ModelInfo, make_handler
-    from stepcache.runtime.context import RunInfo, StepContext
+    from stepcache.core.policy import make_handler
+    from stepcache.core.context import ModelInfo, SiteKey
+    from stepcache.core.context import RunInfo, StepContext
 
     logits = torch.tensor([[5.0, -5.0, -5.0, 5.0]] * 4)  # layer 0: attn kept, mlp skipped; layer 1 the reverse
     info = ModelInfo(depth=2, num_tokens=4, grid=(2, 2), branches=("attn", "cross", "mlp"))
     handler = make_handler(L2C(logits), info)
     handler.reset(RunInfo(num_steps=4, batch=1))
-    kinds = lambda i: [handler.decide(StepContext(i, 4), l, b).kind for l in (0, 1)  # noqa: E731
+    kinds = lambda i: [handler.decide(StepContext(i, 4), SiteKey(l, b), None).kind for l in (0, 1)  # noqa: E731
                        for b in ("attn", "cross", "mlp")]
     assert kinds(3) == kinds(1) == ["compute"] * 6
     assert kinds(2) == kinds(0) == ["compute", "compute", "reuse", "reuse", "compute", "compute"]

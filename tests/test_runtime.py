@@ -5,7 +5,7 @@ import torch
 
 import stepcache
 from stepcache import FORA, sample
-from stepcache.runtime.context import StepContext
+from stepcache.core.context import StepContext
 from helpers import tiny_dit
 
 
@@ -59,7 +59,7 @@ def test_consecutive_runs_with_other_steps_and_batches_start_fresh():
             torch.manual_seed(9)
             assert torch.equal(sample(model, z, y, steps, sampler, 1.5), expected)
             assert handle.stats().nfe == steps
-            assert not handle.store  # tensors freed at the end of each run
+            assert handle.state.nbytes() == 0  # tensors freed at the end of each run
 
 
 def test_call_outside_a_run_raises_clock_error():

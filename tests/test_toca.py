@@ -9,8 +9,9 @@ import torch
 import stepcache
 from stepcache import FORA, ConfigError, NoCache, ToCa, sample
 from stepcache.policies import toca_scores as S
-from stepcache.policies.base import ModelInfo, make_handler
-from stepcache.runtime.context import RunInfo, StepContext
+from stepcache.core.context import ModelInfo
+from stepcache.core.harness import PolicyDriver
+from stepcache.core.context import RunInfo, StepContext
 from helpers import tiny_dit
 
 # The spec's all-layer refresh steps (reference implementation, fresh_ratio 0.07).
@@ -34,8 +35,8 @@ class Driver:
 
     def __init__(self, cfg, depth=28, grid=16, rows=2, cfg_rows=True, seed=0):
         self.T = grid * grid
-        self.h = make_handler(cfg, ModelInfo(depth=depth, num_tokens=self.T, grid=(grid, grid),
-                                             branches=("attn", "mlp")))
+        self.h = PolicyDriver(cfg, ModelInfo(depth=depth, num_tokens=self.T, grid=(grid, grid),
+                                             branches=("attn", "mlp"), capabilities=frozenset({"attention_map"})))
         self.depth, self.rows, self.cfg_rows = depth, rows, cfg_rows
         g = torch.Generator().manual_seed(seed)
         self.maps = torch.randn(3, rows, self.T, self.T, generator=g).softmax(-1)  # reused: keeps tests fast
@@ -53,8 +54,7 @@ class Driver:
                 if act.kind == "compute" and act.need_map:
                     self.h.observe(ctx, layer, "attn", attn_map=self.maps[(i + layer) % 3])
                 x = self.xs[(i * 7 + layer) % 3]
-                self.h.see_tokens(ctx, layer, "mlp", x, None)
-                act = self.h.decide(ctx, layer, "mlp")
+                act = self.h.decide(ctx, layer, "mlp", x=x)
                 ks[i].append(self.T if act.kind == "compute" else act.index.shape[1])
                 if act.kind == "partial":
                     picks[i, layer] = act.index
@@ -161,19 +161,18 @@ def test_rows_choose_their_own_tokens_and_counters_are_per_row():
     amap[0, :, 3] += 1.0  # row 0 (cond): token 3 receives most attention
     amap[1, :, 12] += 1.0  # row 1 (uncond): token 12
     h.observe(ctx, 0, "attn", attn_map=amap)
-    h.see_tokens(ctx, 0, "mlp", torch.zeros(2, 16, 4), None)
-    assert h.decide(ctx, 0, "mlp").kind == "compute"
+    assert h.decide(ctx, 0, "mlp", x=torch.zeros(2, 16, 4)).kind == "compute"
     ctx = StepContext(7, 10)  # the interval became round(3 / 0.68) = 4: steps 7 and 6 are partial
     assert h.decide(ctx, 0, "attn").kind == "reuse"
-    idx = h.decide(ctx, 0, "mlp").index
+    idx = h.decide(ctx, 0, "mlp", x=torch.zeros(2, 16, 4)).index
     assert idx.shape == (2, int(np.float32(0.3) * np.float32(16)))
     assert idx[0, 0] == 3 and idx[1, 0] == 12
-    counter = h.counters[0]
+    counter = h.call_state(0).counters[0]
     for r in range(2):
         assert (counter[r, idx[r]] == 0).all() and counter[r].sum() == 16 - idx.shape[1]
     expect = S.attention_received(amap) + 0.25 * (counter.float() / 3)
     assert h.decide(StepContext(6, 10), 0, "attn").kind == "reuse"
-    idx2 = h.decide(StepContext(6, 10), 0, "mlp").index
+    idx2 = h.decide(StepContext(6, 10), 0, "mlp", x=torch.zeros(2, 16, 4)).index
     assert torch.equal(idx2, expect.argsort(dim=-1, descending=True)[:, :idx.shape[1]])
 
 

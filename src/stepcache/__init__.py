@@ -1,21 +1,28 @@
-"""stepcache: training-free feature caching for diffusion transformers (FORA, ToCa, L2C)."""
+"""stepcache: training-free feature caching for diffusion transformers (FORA, ToCa, L2C, ...)."""
 
+from stepcache.api import apply, get_handle, remove, summary
+from stepcache.core.context import StepContext
+from stepcache.core.engine import CacheHandle
+from stepcache.core.policy import NoCache, PolicyConfig, known_methods
+from stepcache.core.stats import CacheStats
 from stepcache.errors import (CheckpointError, ClockError, ConfigError, ModelMismatchError, StepcacheError,
                               UnsupportedModelError)
 from stepcache.models.dit import DiT
-from stepcache.policies.base import NoCache, PolicyConfig
+import stepcache.policies  # noqa: F401  (registers the built-in methods)
+from stepcache.policies.dbcache import DBCache
+from stepcache.policies.fbcache import FBCache
 from stepcache.policies.fora import FORA
 from stepcache.policies.l2c import L2C
+from stepcache.policies.magcache import MagCache
+from stepcache.policies.taylorseer import TaylorSeer
+from stepcache.policies.teacache import TeaCache
 from stepcache.policies.toca import ToCa
-from stepcache.runtime.context import StepContext
-from stepcache.runtime.handle import CacheHandle, apply
-from stepcache.runtime.stats import CacheStats
 from stepcache.sampling.sample import sample
 
-__version__ = "0.1.0"
+from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
-    "DiT", "sample", "apply", "CacheHandle", "CacheStats", "StepContext", "PolicyConfig", "NoCache", "FORA", "L2C",
-    "ToCa", "StepcacheError", "ConfigError", "CheckpointError", "ModelMismatchError", "UnsupportedModelError",
-    "ClockError", "__version__",
+    "DiT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
+    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "known_methods", "StepcacheError", "ConfigError",
+    "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]

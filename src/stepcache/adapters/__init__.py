@@ -2,9 +2,9 @@
 
 from stepcache.adapters.base import Adapter, find_adapter, register_adapter, supported_models
 from stepcache.adapters import dit as _dit  # noqa: F401  (registers DiTAdapter)
-from stepcache.adapters.diffusers_common import diffusers_available
+from stepcache.adapters.diffusers.common import diffusers_available
 
 if diffusers_available():  # diffusers itself is imported lazily: matching is by class name and module
-    from stepcache.adapters import diffusers_dit, flux, pixart, sd3  # noqa: F401
+    from stepcache.adapters.diffusers import dit, flux, pixart, sd3  # noqa: F401
 
 __all__ = ["Adapter", "find_adapter", "register_adapter", "supported_models"]

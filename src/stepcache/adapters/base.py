@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from stepcache.errors import UnsupportedModelError
-from stepcache.policies.base import ModelInfo
+from stepcache.core.context import ModelInfo
 
 _ADAPTERS: list = []
 
@@ -27,8 +27,9 @@ class Adapter:
     def info(self, model) -> ModelInfo:
         raise NotImplementedError
 
-    def install(self, model, handle) -> list:
-        """Patch the model's forwards to route through ``handle``; returns the patches."""
+    def install(self, model, handle, patches: list) -> None:
+        """Patch the model's forwards to route through ``handle``, appending each patch to ``patches``
+        as soon as it is made (so a refusal half-way can be undone exactly)."""
         raise NotImplementedError
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from stepcache.errors import CheckpointError, ConfigError
-from stepcache.policies.base import NoCache, PolicyConfig, known_methods
+from stepcache.core.policy import NoCache, PolicyConfig, known_methods
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

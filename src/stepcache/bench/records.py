@@ -49,6 +49,8 @@ def config_key(config: dict) -> str:
 def read_records(path: Path) -> list[dict]:
     """All records of a JSONL file (missing file: none); a corrupt line raises ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a JSONL results file.")
     if not path.is_file():
         return []
     out = []
@@ -63,12 +65,17 @@ def read_records(path: Path) -> list[dict]:
 
 def append_record(path: Path, record: dict) -> bool:
     """Append ``record`` unless one with the same key is already there; True if written."""
+    from stepcache.io import atomic_write
+
     path = Path(path)
     if any(r.get("key") == record["key"] for r in read_records(path)):
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    # rewritten whole through a temporary file: a kill mid-append must not leave a half line that makes
+    # every later read of the file fail
+    atomic_write(path, lambda f: f.write(old + (json.dumps(record, sort_keys=True) + "\n").encode()))
     return True
 
 
@@ -123,8 +130,10 @@ def pareto_plot(records: list[dict], path: Path, quality: str = "ssim", title: s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    from stepcache.io import atomic_write
+
+    try:
+        atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(path)

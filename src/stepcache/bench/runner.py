@@ -62,7 +62,7 @@ def run_once(model, noise, labels, settings: RunSettings, policy, steps=None, pr
 def timed(model, noise, labels, settings: RunSettings, policy, progress=False):
     """Warm-up runs (2 uncached steps, same batch: some policies, e.g. L2C, are tied to the step count),
     then ``repeats`` full runs: (images, stats, times)."""
-    from stepcache.policies.base import NoCache
+    from stepcache.core.policy import NoCache
 
     for _ in range(settings.warmup):
         run_once(model, noise, labels, settings, NoCache(), steps=min(2, settings.num_steps))

@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepcache.cli.common import add_sampling_options, positive_int
+from stepcache.cli.common import add_sampling_options, check_output_dir, positive_int
+
+
+def _check_specs(specs) -> None:
+    """A misspelt method must stop the run, not be skipped while the baseline alone is measured."""
+    from stepcache.bench.methods import parse_spec
+    from stepcache.errors import ConfigError
+    from stepcache.core.policy import known_methods
+
+    known = sorted(set(known_methods()) | {"none"})
+    for spec in specs:
+        method = parse_spec(spec)[0]
+        if method not in known:
+            raise ConfigError(f"Unknown policy {method!r} in --policies {spec!r}; choose from {', '.join(known)}.")
 
 
 def add_parser(sub) -> None:
@@ -32,16 +45,23 @@ def run(args) -> int:
     import torch
 
     from stepcache.bench.runner import RunSettings
-    from stepcache.bench.sweep import load_model, sweep, write_reports
+    from stepcache.bench.sweep import load_model, runnable_specs, sweep, write_reports
     from stepcache.errors import ConfigError
 
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}.")
+    _check_specs(args.policies)
+    check_output_dir(args.report_dir or args.out.parent, "--report-dir")
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder, not a JSONL file.")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = RunSettings(num_samples=args.num_samples, seed=args.seed, num_steps=args.num_sampling_steps,
                            sampler=args.sampler, cfg_scale=args.cfg_scale, warmup=args.warmup, repeats=args.repeats)
     loaded = load_model(args.model)
+    if not runnable_specs(args.policies, settings, loaded.embedded, log=lambda line: None):
+        raise ConfigError(f"None of the policies {' '.join(args.policies)} can run on {args.model} with "
+                          f"{args.sampler}-{args.num_sampling_steps}; nothing would be benchmarked but the baseline.")
     records = [r for r in sweep(loaded, args.policies, settings, args.out, progress=args.progress) if r]
     files = write_reports(records, args.report_dir or args.out.parent, stem=args.out.stem,
                           title=f"{args.model}: {args.sampler}-{args.num_sampling_steps}")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from stepcache.bench.records import environment  # noqa: F401 - one description of the machine for every record
 from stepcache.errors import CheckpointError, ConfigError
+from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401 - used by subcommands
 from stepcache.policies.toca import SCHEDULES
 from stepcache.policies.toca_scores import SCORES
 
@@ -30,18 +29,43 @@ def positive_int(text: str) -> int:
     return value
 
 
+SEED_LIMIT = 2**63  # torch.manual_seed and torch.Generator take seeds below 2**64; sums of seeds stay below it
+
+
+def seed_int(text: str) -> int:
+    """A seed in 0..2**63-1 (torch's generators reject larger ones with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must lie in 0..2**63-1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number: 'nan' and 'inf' parse as floats but mean nothing as a guidance scale or threshold."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, *, steps: int, sampler: str, cfg: float,
                          item: str) -> None:
     """--num-sampling-steps, --sampler, --cfg-scale, --seed (of ``item`` 0; item k uses seed + k)."""
     parser.add_argument("--num-sampling-steps", type=positive_int, default=steps, help="sampling steps")
     parser.add_argument("--sampler", choices=("ddim", "ddpm"), default=sampler, help="sampler")
-    parser.add_argument("--cfg-scale", type=float, default=cfg, help="guidance scale, 1 = off")
-    parser.add_argument("--seed", type=int, default=0, help=f"seed of {item} 0 ({item} k uses seed + k)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=cfg, help="guidance scale, 1 = off")
+    parser.add_argument("--seed", type=seed_int, default=0, help=f"seed of {item} 0 ({item} k uses seed + k)")
 
 
 def check_guidance_and_interval(args) -> None:
-    """One sentence for a guidance scale below 1 or a cache interval below 1."""
-    if args.cfg_scale < 1:
+    """One sentence for a guidance scale that is not a finite number >= 1 or a cache interval below 1."""
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
     if args.cache in ("fora", "toca") and args.interval < 1:
         raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
@@ -52,27 +76,30 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", choices=METHODS, default="none", help="caching method (default: %(default)s)")
     g.add_argument("--interval", type=int, default=3,
                    help="FORA/ToCa refresh interval N; FORA's --cache-threshold (default: %(default)s)")
-    g.add_argument("--fresh-ratio", type=float, default=0.07,
+    g.add_argument("--fresh-ratio", type=finite_float, default=0.07,
                    help="ToCa share of tokens recomputed on partial steps (default: %(default)s)")
     g.add_argument("--schedule", default="ToCa-ddim50", choices=SCHEDULES,
                    help="ToCa ratio schedule (default: %(default)s; ToCa-ddpm250 for DDPM-250)")
     g.add_argument("--score", default="attention", choices=SCORES,
                    help="ToCa token score; kv-norm keeps fused attention (default: %(default)s)")
-    g.add_argument("--bonus", type=float, default=0.6,
+    g.add_argument("--bonus", type=finite_float, default=0.6,
                    help="ToCa weight of the spatial-spread bonus, 0 = off (default: %(default)s)")
     g.add_argument("--bonus-grid", type=int, default=2,
                    help="ToCa size of the bonus cells, in tokens (default: %(default)s)")
-    g.add_argument("--staleness-weight", type=float, default=0.25,
+    g.add_argument("--staleness-weight", type=finite_float, default=0.25,
                    help="ToCa weight of the cache-staleness score (default: %(default)s)")
     g.add_argument("--decision", default="reference", choices=("reference", "per-step"),
                    help="ToCa: reference quirk (interval re-decided at layer 0) or once per step "
                         "(default: %(default)s)")
     g.add_argument("--router", default=None, help="L2C router file (reference .pt or stepcache .safetensors)")
-    g.add_argument("--threshold", type=float, default=0.1, help="L2C router threshold (default: %(default)s)")
+    g.add_argument("--threshold", type=finite_float, default=0.1, help="L2C router threshold (default: %(default)s)")
 
 
-def build_policy(args):
-    """Policy config from the caching options; bad settings raise ConfigError."""
+def build_policy(args, model=None):
+    """Policy config from the caching options; bad settings raise ConfigError.
+
+    Given the ``model``, an L2C router is also checked against it, the step count and the sampler.
+    """
     import stepcache
 
     if args.cache == "none":
@@ -90,7 +117,10 @@ def build_policy(args):
             raise ConfigError("--cache l2c needs --router FILE (a router is shipped only for the embedded model "
                               "with DDIM-50).")
         args.router = str(shipped)
-    return stepcache.L2C.from_checkpoint(args.router, threshold=args.threshold)
+    if model is None:
+        return stepcache.L2C.from_checkpoint(args.router, threshold=args.threshold)
+    return stepcache.L2C.from_checkpoint(args.router, threshold=args.threshold, model=model,
+                                         num_steps=args.num_sampling_steps, sampler=args.sampler)
 
 
 # ---------------------------------------------------------------- models
@@ -133,50 +163,6 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
 
 
 # ---------------------------------------------------------------- outputs
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grayscale repeated)."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images: np.ndarray, path: Path, nrow: int = 8, pad: int = 2) -> None:
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    nrow = min(nrow, n)
-    rows = (n + nrow - 1) // nrow
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), dtype=np.uint8)
-    for k, img in enumerate(images):
-        r, c = divmod(k, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    scale = max(1, 128 // h)
-    im = Image.fromarray(grid)
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    atomic_write(path, lambda f: im.save(f, format="PNG"))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: Path, record: dict) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, default=str).encode()))
-
-
 def decode_latents(latents: torch.Tensor, vae: str):
     """SD VAE decode through diffusers when its weights are available locally or online; else None."""
     try:
@@ -215,7 +201,10 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 def require_file(path: str, what: str) -> Path:
+    """``path`` as a Path when it is an existing file; else one sentence saying what it is instead."""
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a file.")
     if not p.is_file():
         raise CheckpointError(f"{what} {path} does not exist.")
     return p

@@ -29,6 +29,12 @@ def run(args) -> int:
     from stepcache.bench.records import markdown_table
     from stepcache.bench.runner import RunSettings
 
+    from stepcache.cli.bench import _check_specs
+    from stepcache.cli.common import check_output_dir
+
+    if args.policies:
+        _check_specs(args.policies)
+    check_output_dir(args.out_dir)
     settings = RunSettings(num_samples=args.num_samples, seed=args.seed, num_steps=args.num_sampling_steps,
                            sampler=args.sampler, cfg_scale=args.cfg_scale, warmup=1, repeats=args.repeats)
     result = run_demo(args.out_dir, settings, tuple(args.policies or DEMO_SPECS), progress=not args.no_progress)

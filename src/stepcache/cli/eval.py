@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from stepcache.cli.common import environment, positive_int, require_file, write_json
+from stepcache.io import OutputError
 
 
 def add_parser(sub) -> None:
@@ -25,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--inception", type=Path, default=None,
                    help="path of inception-2015-12-05.pt (default: $STEPCACHE_INCEPTION or "
                         "~/.cache/stepcache/; downloaded when online)")
+    p.add_argument("--inception-sha256", default=None,
+                   help="required SHA-256 of the Inception file (default: $STEPCACHE_INCEPTION_SHA256, else the "
+                        "digest recorded beside the file when it was first verified)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device for features and distances (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None,
@@ -43,12 +47,20 @@ def run(args) -> int:
     require_file(str(args.samples), "The npz file")
     if not str(args.ref).startswith("digits:"):
         require_file(str(args.ref), "The npz file")
+    out = args.out or args.samples.with_suffix(".eval.json")
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder, not a file.")
     start = time.perf_counter()
-    extractor = load_extractor(args.features, args.inception, device=args.device)
+    if args.features == "inception":
+        from stepcache.eval.features import InceptionFeatures
+
+        extractor = InceptionFeatures(args.inception, device=args.device, sha256=args.inception_sha256)
+    else:
+        extractor = load_extractor(args.features, args.inception, device=args.device)
     result = evaluate(args.samples, args.ref, extractor, batch_size=args.batch_size, device=args.device)
     record = {"command": "eval", "samples": str(args.samples), "ref": str(args.ref), "features": args.features,
+              "feature_network_sha256": getattr(extractor, "sha256", None),
               "result": result.as_dict(), "seconds": time.perf_counter() - start, "environment": environment()}
-    out = args.out or args.samples.with_suffix(".eval.json")
     write_json(out, record)
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
         value = record["result"][key]

@@ -16,10 +16,17 @@ from stepcache.errors import StepcacheError
 SUBCOMMANDS = ["sample", "demo", "bench", "train_router", "router_report", "sample_ddp", "eval"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option ends in one line (with a pointer to --help) and exit 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help).\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from stepcache import __version__
 
-    parser = argparse.ArgumentParser(prog="stepcache", description="Training-free feature caching for diffusion "
+    parser = OneLineParser(prog="stepcache", description="Training-free feature caching for diffusion "
                                      "transformers: FORA, ToCa and Learning-to-Cache.")
     parser.add_argument("--version", action="version", version=f"stepcache {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -37,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (StepcacheError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        msg = str(exc) if isinstance(exc, StepcacheError) else f"cannot read {exc.filename}: {exc.strerror}."
+    except (StepcacheError, OSError) as exc:
+        # OSErrors that no loader turned into a sentence: say which file and what, not whether reading or writing
+        msg = str(exc) if isinstance(exc, StepcacheError) else f"{exc.filename or 'a file'}: {exc.strerror or exc}."
         print(f"stepcache: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

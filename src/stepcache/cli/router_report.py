@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stepcache.cli.common import require_file, write_json
+from stepcache.cli.common import check_output_dir, finite_float, require_file, write_json
 from stepcache.errors import ConfigError, ModelMismatchError
 
 
@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("router-report", help="skipped units per step and expected MACs of an L2C router",
                        description=__doc__.splitlines()[0])
     p.add_argument("router", help="router file (reference .pt or stepcache .safetensors)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=finite_float, default=None,
                    help="recompute iff sigmoid(logit) > threshold (default: the file's, else 0.1)")
     p.add_argument("--model", default=None, help="DiT preset for the MAC count, e.g. DiT-XL/2 (default: the "
                    "model recorded in the file)")
@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from stepcache.models.dit import parse_preset
     from stepcache.policies.l2c import load_router
-    from stepcache.policies.l2c_report import format_table, heatmap, model_for_macs, router_report
+    from stepcache.training.l2c_report import format_table, heatmap, model_for_macs, router_report
 
+    check_output_dir(args.out, "--out")
     logits, meta = load_router(require_file(args.router, "router file"))
     threshold = args.threshold if args.threshold is not None else float(meta.get("threshold", 0.1))
     if not 0.0 <= threshold <= 1.0:

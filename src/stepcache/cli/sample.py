@@ -11,9 +11,13 @@ from pathlib import Path
 
 import torch
 
-from stepcache.cli.common import (add_cache_options, build_policy, check_guidance_and_interval, decode_latents,
-                                  environment, load_model, positive_int, save_grid, to_uint8, write_json)
+from stepcache.cli.common import (add_cache_options, build_policy, check_guidance_and_interval, check_output_dir,
+                                  decode_latents, environment, finite_float, load_model, positive_int, save_grid,
+                                  seed_int, to_uint8, write_json)
 from stepcache.errors import ConfigError
+from stepcache.io import atomic_write
+
+DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py
 
 
 def add_parser(sub) -> None:
@@ -27,11 +31,11 @@ def add_parser(sub) -> None:
     p.add_argument("--vae", choices=("ema", "mse"), default="ema", help="SD VAE variant (default: %(default)s)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="(default: %(default)s)")
     p.add_argument("--num-sampling-steps", type=positive_int, default=250, help="(default: %(default)s)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale, 1 = off (default: %(default)s)")
+    p.add_argument("--cfg-scale", type=finite_float, default=4.0, help="guidance scale, 1 = off (default: %(default)s)")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels, not DiT's first 3")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--class-labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
-                   help="labels to sample (default: DiT's sample.py labels)")
+    p.add_argument("--seed", type=seed_int, default=0, help="(default: %(default)s)")
+    p.add_argument("--class-labels", type=int, nargs="+", default=None,
+                   help="labels to sample (default: DiT's sample.py labels; digits 0..7 for the embedded model)")
     p.add_argument("--out-dir", type=Path, default=Path("samples"), help="(default: %(default)s)")
     p.add_argument("--no-baseline", action="store_true", help="do not also run uncached for speedup/fidelity")
     add_cache_options(p)
@@ -39,6 +43,8 @@ def add_parser(sub) -> None:
 
 
 def _validate(args, model) -> None:
+    if args.class_labels is None:
+        args.class_labels = list(range(8)) if args.model == "embedded" else DIT_LABELS
     if not 0 <= min(args.class_labels) <= max(args.class_labels) < model.num_classes:
         raise ConfigError(f"class labels must lie in 0..{model.num_classes - 1}, got {args.class_labels}.")
     check_guidance_and_interval(args)
@@ -57,11 +63,14 @@ def _timed_sample(model, noise, labels, args, policy):
 
 
 def run(args) -> int:
-    if args.cache in ("fora", "toca") and args.interval < 1:
-        raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
-    policy = build_policy(args)
+    """Everything that can be refused is refused before the first sampling step (an uncached DiT-XL/2
+    DDPM-250 baseline takes minutes): options, output folder, model, and the policy against the model."""
+    check_guidance_and_interval(args)
+    check_output_dir(args.out_dir)
+    build_policy(args)  # bad caching options fail before the model is loaded
     model, is_latent = load_model(args)
     _validate(args, model)
+    policy = build_policy(args, model=model)
     torch.manual_seed(args.seed)
     labels = torch.tensor(args.class_labels)
     noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size)
@@ -82,12 +91,11 @@ def run(args) -> int:
         record["result"]["latent_psnr_db"] = float("inf") if mse == 0 else 10 * torch.log10(
             torch.tensor(4.0 / mse)).item()
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{args.model.replace('/', '-')}-{args.sampler}{args.num_sampling_steps}-{args.cache}-seed{args.seed}"
     images, why = (decode_latents(latents, args.vae) if is_latent else (latents, None))
     if images is None:
         latent_path = args.out_dir / f"{stem}.latents.pt"
-        torch.save({"latents": latents, "labels": labels}, latent_path)
+        atomic_write(latent_path, lambda f: torch.save({"latents": latents, "labels": labels}, f))
         print(f"Could not decode: {why}; saved the latents to {latent_path} instead of a PNG.")
         record["latents"] = str(latent_path)
     else:

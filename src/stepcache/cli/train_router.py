@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepcache.cli.common import positive_int
+from stepcache.cli.common import check_output_dir, finite_float, positive_int, seed_int
 from stepcache.errors import ConfigError
 
 
@@ -47,11 +47,11 @@ def add_parser(sub) -> None:
     p.add_argument("--iters", type=positive_int, default=2000, help="iterations in total (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=16,
                    help="global batch, split over processes (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--ste-threshold", type=float, default=None,
+    p.add_argument("--seed", type=seed_int, default=0, help="(default: %(default)s)")
+    p.add_argument("--ste-threshold", type=finite_float, default=None,
                    help="straight-through estimator threshold theta (default: off, soft blend)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="(default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=0.1,
+    p.add_argument("--label-dropout", type=finite_float, default=0.1, help="(default: %(default)s)")
+    p.add_argument("--threshold", type=finite_float, default=0.1,
                    help="inference threshold recorded in the file and used for the skip share (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("router.safetensors"), help="(default: %(default)s)")
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -76,13 +76,19 @@ def _load(args):
 
 def run(args) -> int:
     from stepcache.policies.l2c import save_router
-    from stepcache.policies.l2c_data import load_data
-    from stepcache.policies.l2c_train import RouterTrainConfig, init_distributed, model_identity, train_router
+    from stepcache.training.l2c_data import load_data
+    from stepcache.training.l2c import RouterTrainConfig, init_distributed, model_identity, train_router
 
     if args.ste_threshold is not None and not 0.0 < args.ste_threshold < 1.0:
         raise ConfigError(f"--ste-threshold must lie in (0, 1), got {args.ste_threshold}.")
     if not 0.0 <= args.threshold <= 1.0:
         raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}.")
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise ConfigError(f"--label-dropout must lie in [0, 1), got {args.label_dropout}.")
+    for option, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
+        if path is not None and path.is_dir():
+            raise ConfigError(f"{option} {path} is a folder, not a file.")
+    check_output_dir(args.out.parent if str(args.out.parent) else Path("."), "the folder of --out")
     cfg = RouterTrainConfig(num_steps=args.num_steps, lam=args.lam, lr=args.lr, iters=args.iters,
                             batch_size=args.batch_size, seed=args.seed, ste_threshold=args.ste_threshold,
                             label_dropout=args.label_dropout, threshold=args.threshold,

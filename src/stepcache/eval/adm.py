@@ -64,6 +64,15 @@ def _open(path: str | Path):
         raise CheckpointError(f"{path} is not a readable .npz file ({type(exc).__name__}).") from None
 
 
+def _array(npz, key: str, path) -> np.ndarray:
+    """``npz[key]``, read now: numpy reads lazily, so an object (pickled) array fails only on access."""
+    try:
+        return npz[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        why = "an object array, which is never unpickled" if "allow_pickle" in str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}:{key} cannot be read ({why}).") from None
+
+
 def as_rgb_uint8(images: np.ndarray, where: str = "arr_0") -> np.ndarray:
     """uint8 (N, H, W), (N, H, W, 1) or (N, H, W, 3) -> (N, H, W, 3)."""
     if images.dtype != np.uint8:
@@ -80,20 +89,31 @@ def load_images(path: str | Path) -> np.ndarray:
     with _open(path) as npz:
         if "arr_0" not in npz.files:
             raise ConfigError(f"{path} has no 'arr_0' array of images (keys: {', '.join(npz.files) or 'none'}).")
-        return as_rgb_uint8(npz["arr_0"], f"{Path(path).name}:arr_0")
+        return as_rgb_uint8(_array(npz, "arr_0", path), f"{Path(path).name}:arr_0")
 
 
-def _stats(npz, mu: str, sigma: str) -> FeatureStats | None:
-    if mu in npz.files and sigma in npz.files:
-        return FeatureStats(np.asarray(npz[mu], np.float64), np.asarray(npz[sigma], np.float64))
-    return None
+def _stats(npz, mu: str, sigma: str, path) -> FeatureStats | None:
+    """Precomputed statistics, refused unless they are finite numbers of matching shapes (F,), (F, F):
+    NaN statistics would otherwise give ``fid: nan`` and an exit code of 0."""
+    if mu not in npz.files or sigma not in npz.files:
+        return None
+    try:
+        m, s = np.asarray(_array(npz, mu, path), np.float64), np.asarray(_array(npz, sigma, path), np.float64)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}:{mu}/{sigma} are not numeric arrays.") from None
+    if m.ndim != 1 or s.shape != (m.shape[0], m.shape[0]):
+        raise ConfigError(f"{path}:{mu}/{sigma} have shapes {m.shape} and {s.shape}; expected (F,) and (F, F).")
+    if not (np.isfinite(m).all() and np.isfinite(s).all()):
+        raise ConfigError(f"{path}:{mu}/{sigma} hold NaN or infinite values.")
+    return FeatureStats(m, s)
 
 
 def load_reference(path: str | Path, extractor, batch_size: int = 64) -> ReferenceBatch:
     """Read a reference npz: precomputed ``mu``/``sigma`` (+ ``mu_s``/``sigma_s``) and/or ``arr_0`` images."""
     with _open(path) as npz:
-        stats, spatial = _stats(npz, "mu", "sigma"), _stats(npz, "mu_s", "sigma_s")
-        images = as_rgb_uint8(npz["arr_0"], f"{Path(path).name}:arr_0") if "arr_0" in npz.files else None
+        stats, spatial = _stats(npz, "mu", "sigma", path), _stats(npz, "mu_s", "sigma_s", path)
+        images = as_rgb_uint8(_array(npz, "arr_0", path), f"{Path(path).name}:arr_0") if "arr_0" in npz.files \
+            else None
     if stats is None and images is None:
         raise ConfigError(f"{path} holds neither images ('arr_0') nor statistics ('mu' and 'sigma').")
     feats = extract_features(images, extractor, batch_size) if images is not None else None
@@ -113,7 +133,7 @@ def reference_from_images(images: np.ndarray, extractor, batch_size: int = 64) -
 def digits_reference(split: str, extractor, batch_size: int = 64) -> ReferenceBatch:
     """The embedded model's real digits (``split``: "test" = held out, "train", "all") as a reference batch,
     quantised to uint8 like samples, so that ``--features digits`` runs fully offline."""
-    from stepcache.cli.common import to_uint8
+    from stepcache.io import to_uint8
     from stepcache.models.embedded import digits_data
 
     images, _ = digits_data(split)                                             # (N, 1, 16, 16) in [-1, 1]

@@ -39,6 +39,11 @@ __all__ = ["ImageFeatures", "InceptionFeatures", "DigitFeatures", "extract_featu
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
+# SHA-256 of the file at INCEPTION_URL. NVIDIA publishes no digest and this build was made offline, so it is
+# not pinned here: set $STEPCACHE_INCEPTION_SHA256 (or pass ``sha256=``) to enforce one. Without it the digest
+# seen when the file is first verified (downloaded, loaded as TorchScript, right output sizes) is kept beside
+# it (``.sha256``), and every later load must match it: a replaced or damaged file is refused.
+INCEPTION_SHA256: str | None = None
 INCEPTION_SIZE = 299
 SPATIAL_CHANNELS = 7      # ADM: spatial[..., :7]
 # The TorchScript module's sequential layers up to (and including) mixed_6's first conv, as in the TF graph.
@@ -82,21 +87,25 @@ class InceptionFeatures:
 
     name = "inception"
 
-    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", download: bool = True):
+    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", download: bool = True,
+                 sha256: str | None = None):
         path = Path(path) if path else default_inception_path()
+        expected = sha256 or os.environ.get("STEPCACHE_INCEPTION_SHA256") or INCEPTION_SHA256
+        if path.is_dir():
+            raise CheckpointError(f"The FID Inception weights {path} are a folder, not the .pt file.")
         if not path.is_file():
             if not download:
                 raise CheckpointError(f"The FID Inception weights {path} do not exist.")
-            try:
-                fetch(INCEPTION_URL, path, timeout=10.0)  # atomic: nothing half-written is left behind
-            except CheckpointError:
+            try:  # atomic, and renamed into place only after the checksum and a trial load pass
+                fetch(INCEPTION_URL, path, timeout=10.0, verify=lambda tmp: _load_inception(tmp, "cpu", expected))
+            except CheckpointError as exc:
+                if "checksum" in str(exc) or "not the TorchScript" in str(exc):
+                    raise
                 raise CheckpointError(
                     f"The FID Inception weights are not at {path} and could not be downloaded from {INCEPTION_URL}; "
                     "download that file and pass its path with --inception.") from None
-        try:
-            self.net = torch.jit.load(str(path), map_location=device).eval()
-        except Exception as exc:
-            raise CheckpointError(f"{path} is not the TorchScript Inception network ({type(exc).__name__}).") from None
+        self.net, self.sha256 = _load_inception(path, device, expected or _remembered_digest(path))
+        _remember_digest(path, self.sha256)
         self.device = torch.device(device)
 
     def _spatial(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +124,46 @@ class InceptionFeatures:
         probs = self.net(x, no_output_bias=True)                               # (N, 1008) softmax
         spatial = self._spatial(x.float())
         return ImageFeatures(_np(pool), _np(spatial), _np(probs))
+
+
+def _remembered_digest(path: Path) -> str | None:
+    side = path.with_name(path.name + ".sha256")
+    try:
+        return side.read_text().split()[0] if side.is_file() else None
+    except (OSError, IndexError):
+        return None
+
+
+def _remember_digest(path: Path, digest: str) -> None:
+    from stepcache.io import OutputError, atomic_write
+
+    side = path.with_name(path.name + ".sha256")
+    if not side.is_file():
+        try:
+            atomic_write(side, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        except OutputError:
+            pass  # a read-only cache folder: the file is still verified by structure on every load
+
+
+def _load_inception(path: Path, device, expected: str | None):
+    """(TorchScript network, SHA-256 of the file): the digest must equal ``expected`` when one is known,
+    and the network must give ADM's 2048 pool features and 1008 class probabilities."""
+    from stepcache.io import file_sha256
+
+    digest = file_sha256(path)
+    if expected and digest != expected.lower():
+        raise CheckpointError(f"{path} fails its checksum (SHA-256 {digest[:16]}..., expected {expected[:16]}...); "
+                              "delete it to download it again.")
+    try:
+        net = torch.jit.load(str(path), map_location=device).eval()
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, 8, 8, dtype=torch.uint8, device=device)  # resized to 299 inside
+            sizes = (net(probe, return_features=True).shape, net(probe, no_output_bias=True).shape)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not the TorchScript Inception network ({type(exc).__name__}).") from None
+    if sizes != ((1, 2048), (1, 1008)):
+        raise CheckpointError(f"{path} is not the FID Inception network (outputs {sizes[0]}, {sizes[1]}).")
+    return net, digest
 
 
 class DigitFeatures:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from stepcache.errors import CheckpointError, ConfigError, ModelMismatchError
-from stepcache.models.dit import PRESETS, DiT, parse_preset
+from stepcache.models.dit import PRESETS, DiT, parse_preset, register_loader
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 # official file name -> (preset, latent input_size = image size / 8)
@@ -109,7 +109,21 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"No checkpoint file at {str(path)!r}.") from None
     except Exception as err:  # corrupt, truncated or not a checkpoint at all
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}).") from None
-    return _unwrap(obj, path), meta
+    return _unwrap(obj, path), _check_meta(meta, path)
+
+
+def _check_meta(meta, path: Path) -> dict:
+    """The stored DiT config must be an object of DiT constructor arguments (it becomes ``DiT(**meta)``)."""
+    from dataclasses import fields
+
+    from stepcache.models.dit import DiTConfig
+
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has a {CONFIG_KEY} entry that is not a JSON object of DiT arguments.")
+    unknown = sorted(set(meta) - {f.name for f in fields(DiTConfig)})
+    if unknown:
+        raise CheckpointError(f"{path} has an unknown DiT argument {unknown[0]!r} in its {CONFIG_KEY} entry.")
+    return meta
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -239,8 +253,17 @@ def load_dit(name_or_path, input_size: int | None = None, model=None, device="cp
     if isinstance(model, DiT):
         return _into(model, sd, path.name, input_size).to(device).eval()
     cfg = _config(sd, path.name, input_size, model, {**stored, **overrides})
-    with torch.device("meta"):  # shapes are checked before any memory is spent on the model
-        dit = DiT(**cfg)
+    try:
+        with torch.device("meta"):  # shapes are checked before any memory is spent on the model
+            dit = DiT(**cfg)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as err:  # stored values of the wrong type
+        raise CheckpointError(f"{path.name} stores a DiT config that cannot build a model "
+                              f"({type(err).__name__}).") from None
     check_compatible(dit, sd, path.name)
     dit.load_state_dict(_float32(sd), strict=True, assign=True)
     return dit.to(device).eval()
+
+
+register_loader("dit", load_dit)

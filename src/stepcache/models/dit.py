@@ -22,6 +22,13 @@ from stepcache.errors import ConfigError
 PRESETS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 
+_LOADERS: dict = {}  # "dit" -> load function, registered by stepcache.models.checkpoints
+
+
+def register_loader(name: str, fn) -> None:
+    _LOADERS[name] = fn
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation: x (B, T, D), shift/scale (B, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -254,10 +261,9 @@ class DiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "DiT":
-        """Load a local checkpoint file or an official one by name (downloaded when online)."""
-        from stepcache.models.checkpoints import load_dit
-
-        return load_dit(name_or_path, **kwargs)
+        """Load a local checkpoint file or an official one by name (downloaded when online), with the loader
+        that :mod:`stepcache.models.checkpoints` registers (architecture here, loading there)."""
+        return _LOADERS["dit"](name_or_path, **kwargs)
 
     def initialize_weights(self) -> None:
         """The paper's initialisation: Xavier linears, fixed sin-cos table, zeroed adaLN and output."""

@@ -75,10 +75,28 @@ def digits_data(split: str = "train", resolution: int = RESOLUTION) -> tuple[tor
 
 
 def embedded_config(path: Path = CONFIG_FILE) -> dict:
-    """The shipped JSON config: ``{"model": DiT kwargs, "training": {...}, "sampling": {...}}``."""
+    """The shipped JSON config: ``{"model": DiT kwargs, "training": {...}, "sampling": {...}}``.
+
+    A config beside a user's weights can be anything: malformed JSON, a list, unknown or missing DiT
+    arguments are refused here in one sentence, before a model is built from them."""
+    from dataclasses import fields
+
+    from stepcache.models.dit import DiTConfig
+
     if not path.is_file():
         raise CheckpointError(f"The embedded model config {path} is missing; run scripts/train_embedded.py.")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable JSON model config ({type(exc).__name__}).") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path} has no \"model\" object of DiT arguments.")
+    known = {f.name for f in fields(DiTConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise CheckpointError(f"{path} has an unknown DiT argument {unknown[0]!r}.")
+    return config
 
 
 def load_embedded(device: str | torch.device = "cpu", path: Path | None = None) -> "torch.nn.Module":
@@ -91,9 +109,18 @@ def load_embedded(device: str | torch.device = "cpu", path: Path | None = None) 
     if not weights.is_file():
         raise CheckpointError(f"The embedded model weights {weights} are missing; run scripts/train_embedded.py.")
     config = embedded_config(weights.with_suffix(".json"))
-    model = DiT(**config["model"])
     try:
-        model.load_state_dict(load_file(str(weights)))
+        model = DiT(**config["model"])
+    except (TypeError, ValueError, ArithmeticError) as exc:  # e.g. a width the head count does not divide
+        raise CheckpointError(f"{weights.with_suffix('.json')} does not describe a buildable DiT "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}).") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # truncated or not a safetensors file at all (safetensors' errors are untyped)
+        raise CheckpointError(f"{weights} is not a readable .safetensors checkpoint ({type(exc).__name__}).") \
+            from None
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not match its config: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval()

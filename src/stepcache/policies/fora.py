@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from stepcache.errors import ConfigError
-from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy
-from stepcache.runtime.actions import COMPUTE, REUSE
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
+from stepcache.core.actions import COMPUTE, REUSE
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,10 @@ class FORA(PolicyConfig):
 
     interval: int = 3
     method: ClassVar[str] = "fora"
+
+    @classmethod
+    def search_space(cls) -> dict[str, list]:
+        return {"interval": [2, 3, 4, 5, 6]}
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -33,6 +37,6 @@ def fora_refresh(i: int, num_steps: int, interval: int) -> bool:
 
 
 @register_policy(FORA)
-class ForaHandler(PolicyHandler):
-    def decide(self, ctx, layer, branch):
+class ForaPolicy(Policy):
+    def decide(self, ctx, site, view):
         return COMPUTE if fora_refresh(ctx.i, ctx.num_steps, self.config.interval) else REUSE

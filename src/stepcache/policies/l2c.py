@@ -27,8 +27,8 @@ from typing import ClassVar
 import torch
 
 from stepcache.errors import CheckpointError, ConfigError, ModelMismatchError, UnsupportedModelError
-from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy
-from stepcache.runtime.actions import COMPUTE, REUSE
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
+from stepcache.core.actions import COMPUTE, REUSE
 
 FORMAT = "stepcache.l2c-router"
 FORMAT_VERSION = 1
@@ -137,13 +137,16 @@ class L2C(PolicyConfig):
         return f"L2C(steps={self.num_steps}, depth={self.depth}, threshold={self.threshold})"
 
     @classmethod
-    def from_checkpoint(cls, path, threshold: float | None = None) -> "L2C":
+    def from_checkpoint(cls, path, threshold: float | None = None, *, model=None, num_steps: int | None = None,
+                        sampler: str | None = None) -> "L2C":
         """Load a reference ``.pt`` router or a stepcache ``.safetensors`` router.
 
         ``threshold=None`` uses the threshold recorded in a stepcache file, else 0.1 (the paper's
-        value for DiT-XL/2 256).
+        value for DiT-XL/2 256). Given ``model``, ``num_steps`` or ``sampler``, the router is checked
+        against them now (:func:`check_router`), before any sampling time is spent.
         """
         logits, meta = load_router(path)
+        check_router(logits, meta, path, model=model, num_steps=num_steps, sampler=sampler)
         if threshold is None:
             threshold = float(meta.get("threshold", 0.1))
         return cls(router=logits, threshold=threshold)
@@ -151,7 +154,7 @@ class L2C(PolicyConfig):
 
 # ---------------------------------------------------------------------------------------- handler
 @register_policy(L2C)
-class L2CHandler(PolicyHandler):
+class L2CPolicy(Policy):
     """Full steps compute; cache steps look the (step, unit) up in a precomputed table.
 
     Only the self-attention (``attn``) and MLP (``mlp``) branches are routed, as in the paper; any
@@ -173,8 +176,8 @@ class L2CHandler(PolicyHandler):
                                      f"this run has {run.num_steps}.")
         super().reset(run)
 
-    def decide(self, ctx, layer, branch):
-        offset = BRANCH_OFFSET.get(branch)
+    def decide(self, ctx, site, view):
+        layer, offset = site.layer, BRANCH_OFFSET.get(site.name)
         if offset is None:  # e.g. cross-attention: not routed by L2C, always computed
             return COMPUTE
         return COMPUTE if self.keep[ctx.i][2 * layer + offset] else REUSE
@@ -240,7 +243,7 @@ def _torch_load_safely(path: Path):
             raise CheckpointError(f"{path} contains {found.group(1)}, which is neither a tensor nor the training "
                                   "script's argparse.Namespace; refusing to unpickle it.") from None
         raise CheckpointError(f"{path} is corrupt or not a router checkpoint.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as exc:
+    except Exception as exc:  # torch.load hands .safetensors names to safetensors, whose errors are untyped
         raise CheckpointError(f"{path} is corrupt or not a router checkpoint ({type(exc).__name__}).") from None
 
 
@@ -262,6 +265,38 @@ def _load_reference(path: Path) -> torch.Tensor:
     logits = torch.stack([rows[i].float() for i in range(len(rows))])  # (S, 2D)
     _check_logits(logits, path)
     return logits
+
+
+def check_router(logits: torch.Tensor, meta: dict, path, *, model=None, num_steps: int | None = None,
+                 sampler: str | None = None) -> None:
+    """Refuse a router made for another step count, sampler or model architecture, in one sentence.
+
+    A router is learned for one sampler's trajectory (a DDIM-50 router says nothing about DDPM-50) and
+    for one model; reference files record neither, so for them only depth and step count are checked.
+    """
+    if num_steps is not None and logits.shape[0] != num_steps:
+        raise ModelMismatchError(f"The L2C router {path} was made for {logits.shape[0]} sampling steps, "
+                                 f"not {num_steps}.")
+    made_for = meta.get("sampler")
+    if sampler is not None and made_for is not None and made_for != sampler:
+        raise ModelMismatchError(f"The L2C router {path} was made for the {made_for} sampler, not {sampler}.")
+    if model is None:
+        return
+    depth = getattr(getattr(model, "config", None), "depth", None) or len(getattr(model, "blocks", ()))
+    if depth and logits.shape[1] != 2 * depth:
+        raise ModelMismatchError(f"The L2C router {path} was made for a {logits.shape[1] // 2}-layer model but "
+                                 f"this model has {depth} layers.")
+    recorded = meta.get("model", {}).get("config") if isinstance(meta.get("model"), dict) else None
+    config = getattr(model, "config", None)
+    if isinstance(recorded, dict) and config is not None:
+        from dataclasses import asdict
+
+        ours = asdict(config)
+        differing = [k for k in sorted(recorded) if k in ours and recorded[k] != ours[k]]
+        if differing:
+            k = differing[0]
+            raise ModelMismatchError(f"The L2C router {path} was made for another model ({k} {recorded[k]!r}, "
+                                     f"this model has {ours[k]!r}).")
 
 
 def _check_logits(logits: torch.Tensor, path) -> None:
@@ -288,7 +323,7 @@ def save_router(path, logits: torch.Tensor, *, sidecar: bool = True, extra_tenso
     """
     from safetensors.torch import save
 
-    from stepcache.cli.common import atomic_write
+    from stepcache.io import atomic_write
 
     logits = logits.detach().cpu().float().contiguous()
     _check_logits(logits, path)

@@ -49,8 +49,9 @@ import torch
 
 from stepcache.errors import ConfigError
 from stepcache.policies import toca_scores as S
-from stepcache.policies.base import ModelInfo, PolicyConfig, PolicyHandler, register_policy
-from stepcache.runtime.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial
+from stepcache.core.context import ModelInfo
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
+from stepcache.core.actions import COMPUTE, COMPUTE_WITH_MAP, COMPUTE_WITH_VALUES, REUSE, Partial
 
 SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerwise", "linear-layerwise",
              "linear-mode", "ToCa-pixart")
@@ -58,7 +59,6 @@ SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerw
 _PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
 DECISIONS = ("reference", "per-step")
 VARIANTS = ("auto", "dit", "pixart")
-PIXART_FAMILY = "diffusers.PixArtTransformer2DModel"
 # Settings a ToCa() leaves unset (None) take the reference's values of the variant in use.
 VARIANT_DEFAULTS = {
     "dit": {"fresh_ratio": 0.07, "schedule": "ToCa-ddim50", "bonus": 0.6, "bonus_grid": 2},
@@ -66,12 +66,7 @@ VARIANT_DEFAULTS = {
 }
 DIT_ONLY_SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50")
 PIXART_SCORES = ("attention", "random", "similarity", "norm", "kv-norm", "straight")
-# Model families whose attention is joint text+image with RoPE (SD3, FLUX): the adapters give no map.
-NO_MAP_FAMILIES = ("diffusers.SD3Transformer2DModel", "diffusers.FluxTransformer2DModel")
 PARTIAL_BRANCHES = ("attn", "mlp", "cross")  # any other branch: Compute on full layers, else Reuse
-_CALL_STATE = ("interval", "block_flags", "step_seen", "step_flag", "counters", "saved", "x", "cached",
-               "cross_index", "entropy")
-COMPUTE_WITH_VALUES = Compute(need_values=True)
 
 
 @dataclass(frozen=True)
@@ -221,9 +216,11 @@ def full_steps(cfg: ToCa, num_steps: int, depth: int = 28) -> tuple[list[int], l
     pixart = cfg.variant == "pixart"
     g = cfg.resolved("pixart" if pixart else "dit").bonus_grid
     info = ModelInfo(depth=depth, num_tokens=g * g, grid=(g, g), branches=("attn", "cross", "mlp") if pixart
-                     else ("attn", "mlp"), family=PIXART_FAMILY if pixart else "dit")
-    handler = ToCaHandler(cfg, info)
+                     else ("attn", "mlp"), variant="pixart" if pixart else None,
+                     capabilities=frozenset({"attention_map", "value_norms"}))
+    handler = ToCaPolicy(cfg, info)
     handler.reset(None)
+    handler.state = handler.new_call_state()
     full, mixed = [], []
     for i in range(num_steps - 1, -1, -1):
         flags = [handler.block_full(i, num_steps, layer) for layer in range(depth)]
@@ -232,18 +229,32 @@ def full_steps(cfg: ToCa, num_steps: int, depth: int = 28) -> tuple[list[int], l
 
 
 # ---------------------------------------------------------------------------------- handler
+class ToCaState:
+    """What ToCa keeps per model call of a step (cond / uncond calls never mix)."""
+
+    def __init__(self, interval: int, depth: int):
+        self.interval = interval
+        self.block_flags = [False] * depth  # full or partial, per layer, this step
+        self.step_seen = None  # per-step decision: the step already decided, and its flag
+        self.step_flag = False
+        self.counters: dict = {}  # (rows, T) int32 staleness per layer (or (layer, module)); None: all zero
+        self.saved: dict[int, torch.Tensor] = {}  # (rows, T) score part from the last full step
+        self.x = self.cached = None  # the input (B, T, D) and cache of the branch being decided
+        self.cross_index: dict[int, torch.Tensor] = {}  # variant dit on PixArt: tokens of "cross" reused by "mlp"
+        self.entropy: dict[int, torch.Tensor] = {}  # variant pixart: cross-attention entropy (rows or CFG pairs, T)
+
+
 @register_policy(ToCa)
-class ToCaHandler(PolicyHandler):
+class ToCaPolicy(Policy):
     """Per-run state: refresh interval, per-layer staleness counters (rows, T) int32, and the
     score inputs of the last full step (attention received or value norms, (rows, T))."""
 
-    needs_tokens: ClassVar[bool] = True  # the runtime shows us the MLP input x (B, T, D) first
-    token_branches: ClassVar[tuple] = ("mlp", "cross")  # others ("attn", ...) may be decided ahead
+    needs_input: ClassVar[tuple] = ("mlp", "cross")  # scored from the branch input; others may be decided ahead
 
     def __init__(self, config: ToCa, info: ModelInfo):
         variant = config.variant
         if variant == "auto":
-            variant = "pixart" if info.family == PIXART_FAMILY else "dit"
+            variant = "pixart" if info.variant == "pixart" else "dit"
         if variant == "pixart" and "cross" not in info.branches:
             raise ConfigError(f"ToCa's PixArt variant needs a cross-attention branch, which {info.family} has not.")
         config = config.resolved(variant)
@@ -253,40 +264,14 @@ class ToCaHandler(PolicyHandler):
         if config.bonus > 0 and (h % config.bonus_grid or w % config.bonus_grid):
             raise ConfigError(f"ToCa's spatial bonus needs a token grid divisible by bonus_grid="
                               f"{config.bonus_grid}, got {h}x{w}; set bonus=0 or another bonus_grid.")
-        if config.needs_attention_map and info.family in NO_MAP_FAMILIES:
+        if config.needs_attention_map and "attention_map" not in info.capabilities:
             usable = ", ".join(x for x in S.SCORES if x not in S.MAP_SCORES)
             raise ConfigError(f"ToCa score {config.score!r} needs an attention map, which {info.family} cannot "
                               f"give (joint attention); choose one of {usable}.")
         self.reset(None)
 
-    def reset(self, run) -> None:
-        self.run = run
-        self.states: dict[int, dict] = {}  # per model call of a step (FLUX true CFG: 0 cond, 1 uncond)
-        self.active_call = 0
-        self._fresh_state()
-
-    def _fresh_state(self) -> None:
-        self.interval = self.config.interval
-        self.block_flags = [False] * self.info.depth  # full or partial, per layer, this step
-        self.step_seen = None  # per-step decision: the step already decided, and its flag
-        self.step_flag = False
-        self.counters: dict[int, torch.Tensor | None] = {}  # (rows, T) int32; None: all zero
-        self.saved: dict[int, torch.Tensor] = {}  # (rows, T) score part from the last full step
-        self.x = self.cached = None
-        self.cross_index: dict[int, torch.Tensor] = {}  # variant dit on PixArt: tokens of "cross" reused by "mlp"
-        self.entropy: dict[int, torch.Tensor] = {}  # variant pixart: cross-attention entropy (rows or CFG pairs, T)
-
-    def _activate(self, call: int) -> None:
-        """Swap in the per-run state of model call ``call``, so two calls per step never mix."""
-        if call == self.active_call:
-            return
-        self.states[self.active_call] = {name: getattr(self, name) for name in _CALL_STATE}
-        self.active_call = call
-        if call in self.states:
-            for name, value in self.states.pop(call).items():
-                setattr(self, name, value)
-        else:
-            self._fresh_state()
+    def new_call_state(self) -> "ToCaState":
+        return ToCaState(self.config.interval, self.info.depth)
 
     # ------------------------------------------------------------------ step type
     def block_full(self, i: int, num_steps: int, layer: int) -> bool:
@@ -295,47 +280,44 @@ class ToCaHandler(PolicyHandler):
         pos = num_steps - 1 - i if self.pixart else i  # the step the modulo counts: PixArt counts up
         rule = next_interval_pixart if self.pixart else next_interval
         if cfg.decision == "per-step":
-            if self.step_seen != i:
-                self.step_seen, self.step_flag = i, first or pos % self.interval == 0
-                if self.step_flag:
-                    self.interval = rule(cfg.interval, cfg.fresh_ratio, pos, num_steps)
-            return self.step_flag
-        interval = cfg.interval if first else self.interval
+            if self.state.step_seen != i:
+                self.state.step_seen, self.state.step_flag = i, first or pos % self.state.interval == 0
+                if self.state.step_flag:
+                    self.state.interval = rule(cfg.interval, cfg.fresh_ratio, pos, num_steps)
+            return self.state.step_flag
+        interval = cfg.interval if first else self.state.interval
         full = first or pos % interval == 0
         if full and layer == 0:  # the new interval already applies to layers 1.. of this step
-            self.interval = rule(cfg.interval, cfg.fresh_ratio, pos, num_steps)
+            self.state.interval = rule(cfg.interval, cfg.fresh_ratio, pos, num_steps)
         return full
 
     # ------------------------------------------------------------------ runtime API
-    def see_tokens(self, ctx, layer: int, branch: str, x: torch.Tensor, cached) -> None:
-        self._activate(getattr(ctx, "call", 0))
-        if branch in ("mlp", "cross"):
-            self.x, self.cached = x, cached  # (B, T, D) each
-
-    def decide(self, ctx, layer: int, branch: str):
-        self._activate(getattr(ctx, "call", 0))
+    def decide(self, ctx, site, view):
+        layer, branch = site.layer, site.name
+        if branch in self.needs_input:
+            self.state.x, self.state.cached = view.input, view.cached  # (B, T, D) each
         if self.pixart:
             return self._decide_pixart(ctx, layer, branch)
         if branch not in PARTIAL_BRANCHES:  # e.g. SD3/FLUX "context_mlp", SD3.5 "attn2"
-            return COMPUTE if self.block_flags[layer] else REUSE
+            return COMPUTE if self.state.block_flags[layer] else REUSE
         if branch == "cross":  # PixArt: choose the tokens here; "mlp" reuses the same index
-            if self.block_flags[layer]:
+            if self.state.block_flags[layer]:
                 return COMPUTE
-            self.cross_index[layer] = self.select(ctx, layer)
-            return Partial(self.cross_index[layer])
+            self.state.cross_index[layer] = self.select(ctx, layer)
+            return Partial(self.state.cross_index[layer])
         if branch == "attn":
             full = self.block_full(ctx.i, ctx.num_steps, layer)
-            self.block_flags[layer] = full
+            self.state.block_flags[layer] = full
             if not full:
                 return REUSE
             score = self.config.score if self.config.fresh_ratio > 0 else None  # R = 0: exactly FORA
             return COMPUTE_WITH_MAP if score in S.MAP_SCORES else COMPUTE_WITH_VALUES if score == "kv-norm" \
                 else COMPUTE
-        full = self.block_flags[layer]
+        full = self.state.block_flags[layer]
         if full:
-            self.counters[layer] = None
+            self.state.counters[layer] = None
             return COMPUTE
-        index = self.cross_index.pop(layer, None)
+        index = self.state.cross_index.pop(layer, None)
         return Partial(self.select(ctx, layer, branch) if index is None else index)
 
     def _decide_pixart(self, ctx, layer: int, branch: str):
@@ -343,42 +325,43 @@ class ToCaHandler(PolicyHandler):
         active = self.config.fresh_ratio > 0  # R = 0: exactly FORA, no scores needed
         if branch == "attn":
             full = self.block_full(ctx.i, ctx.num_steps, layer)
-            self.block_flags[layer] = full
+            self.state.block_flags[layer] = full
             if not full:
                 return REUSE
             return COMPUTE_WITH_VALUES if active and self.config.score == "kv-norm" else COMPUTE
         if branch not in ("cross", "mlp"):
-            return COMPUTE if self.block_flags[layer] else REUSE
+            return COMPUTE if self.state.block_flags[layer] else REUSE
         cross_map = branch == "cross" and active and self.config.score == "attention"
-        if self.block_flags[layer]:
-            self.counters[(layer, branch)] = None
+        if self.state.block_flags[layer]:
+            self.state.counters[(layer, branch)] = None
             return COMPUTE_WITH_MAP if cross_map else COMPUTE
         return Partial(self.select(ctx, layer, branch), need_map=cross_map)
 
-    def observe(self, ctx, layer: int, branch: str, attn_map=None, values=None, index=None) -> None:
-        self._activate(getattr(ctx, "call", 0))
+    def observe(self, ctx, site, result) -> None:
+        layer, branch = site.layer, site.name
+        attn_map, values, index = result.attn_map, result.values, result.index
         if self.pixart and branch == "cross" and attn_map is not None:
             shared = self._shared_rows(attn_map.shape[0])
             fresh = S.cross_entropy(attn_map, shared)  # (rows or pairs, T or k)
             if index is None:  # a full step: the whole map (B, T, L)
-                self.entropy[layer] = fresh
+                self.state.entropy[layer] = fresh
             else:  # the rows of the recomputed queries (the same tokens in both CFG halves)
                 index = index[: fresh.shape[0]]
-                self.entropy[layer].scatter_(1, index, fresh.to(self.entropy[layer].dtype))
+                self.state.entropy[layer].scatter_(1, index, fresh.to(self.state.entropy[layer].dtype))
             return
         if branch != "attn":
             return
         if attn_map is not None:  # (B, T, T); keep only what the score needs, (B, T)
             fn = S.attention_over_max if self.config.score == "compress" else S.attention_received
-            self.saved[layer] = fn(attn_map)
+            self.state.saved[layer] = fn(attn_map)
         elif values is not None:  # (B, H, T)
-            self.saved[layer] = S.value_norm_score(values)
+            self.state.saved[layer] = S.value_norm_score(values)
 
     # ------------------------------------------------------------------ token selection
     def select(self, ctx, layer: int, branch: str = "mlp") -> torch.Tensor:
         """Top-k token indices (rows, k) of ``layer`` at a partial step; updates the staleness counter
         (one per layer; under the PixArt variant one per layer and module)."""
-        x = self.x  # (B, T, D)
+        x = self.state.x  # (B, T, D)
         rows, T = x.shape[0], x.shape[1]
         if self.pixart:
             key, p = (layer, branch), ctx.num_steps - 1 - ctx.i
@@ -386,10 +369,10 @@ class ToCaHandler(PolicyHandler):
         else:
             key = layer
             k = tokens_to_compute(mlp_ratio(self.config, ctx.i, ctx.num_steps, layer, self.info.depth), T)
-        counter = self.counters.get(key)
+        counter = self.state.counters.get(key)
         if counter is None:
             counter = torch.zeros(rows, T, dtype=torch.int32, device=x.device)
-            self.counters[key] = counter
+            self.state.counters[key] = counter
         index = torch.empty(rows, 0, dtype=torch.long, device=x.device)
         if k or (self.config.score in S.RANDOM_SCORES and self.config.fresh_ratio > 0):  # RNG drawn as reference
             score = self.score(layer, counter, x)
@@ -420,15 +403,15 @@ class ToCaHandler(PolicyHandler):
         name, rows, T = self.config.score, x.shape[0], x.shape[1]
         cfg_rows = bool(self.run is not None and self.run.cfg)
         if self.pixart and name == "attention":
-            return S.entropy_score(self.entropy[layer], self._shared_rows(rows))
+            return S.entropy_score(self.state.entropy[layer], self._shared_rows(rows))
         if name in ("attention", "kv-norm"):
-            return self.saved[layer]
+            return self.state.saved[layer]
         if name == "random":
             return S.random_score(rows, T, cfg_rows, x.device)
         if name == "compress":
-            return 0.5 * S.random_score(rows, T, cfg_rows, x.device, on_cpu=True) + 0.5 * self.saved[layer]
+            return 0.5 * S.random_score(rows, T, cfg_rows, x.device, on_cpu=True) + 0.5 * self.state.saved[layer]
         if name == "norm":
             return S.norm_score(x)
         if name == "similarity":
-            return S.similarity_score(x, self.cached)
+            return S.similarity_score(x, self.state.cached)
         return torch.ones(rows, T, device=x.device)  # straight

@@ -10,10 +10,13 @@ Differences from DiT's script, all in service of reproducible 50k-sample evaluat
   round-robin. A batch is recomputed whole when any of its PNGs is missing, so its bits never depend on
   what was done before (matmul results can depend on the batch's rows, so batches never change shape).
 - **Resume**: PNGs are written atomically (temporary file + rename) as ``DIR/samples/{k:06d}.png``; a rerun
-  of the same command skips complete batches. ``DIR/samples.npz`` (``arr_0``, uint8 (N, H, W, 3)) is built
+  of the same command decodes every existing PNG (a truncated, empty or wrong-sized one counts as missing)
+  and redoes the batches with a missing one. ``DIR/samples.npz`` (``arr_0``, uint8 (N, H, W, 3)) is built
   from the PNGs at the end, so a killed-and-resumed run ends with exactly the npz of an uninterrupted one.
-- A JSON record ``DIR/sample_ddp.json`` holds the configuration (a rerun with another configuration is
-  refused) and the timings of every run.
+- A JSON record ``DIR/sample_ddp.json`` holds the configuration — every option that changes a pixel, and the
+  weights' content hash — written before the first sample. A rerun with another configuration, or a folder
+  holding samples but no record, is refused naming the option that differs; the record then gains the
+  timings of every run.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,17 +32,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from stepcache.errors import ConfigError
+from stepcache.errors import CheckpointError, ConfigError, StepcacheError
+from stepcache.io import png_ok, read_png, save_npz, write_json
+from stepcache.io import write_png as _write_png
 
 __all__ = ["DDPSampleConfig", "image_seed", "sample_batch", "pending_batches", "assemble_npz", "run_ddp_sampling",
-           "init_distributed"]
+           "init_distributed", "prepare_record"]
 
 RECORD = "sample_ddp.json"
+SEED_LIMIT = 2**32  # the global seed is mixed as one 32-bit word: larger seeds would alias smaller ones
+
+# The command-line option behind each config field, so that a refusal can name what differs.
+OPTION = {"num_samples": "--num-samples", "batch_size": "--per-proc-batch-size", "global_seed": "--global-seed",
+          "num_steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "model": "--model",
+          "policy": "the caching options (--cache ...)", "guide_channels": "--guide-all-channels",
+          "image_size": "--image-size", "vae": "--vae", "weights": "the weights (--ckpt / --random-weights)"}
 
 
 @dataclass(frozen=True)
 class DDPSampleConfig:
-    """Everything that decides the pixels of sample k (a resumed run must use the same values)."""
+    """Everything that decides the pixels of sample k (a resumed run must use the same values).
+
+    ``weights`` identifies the model's weights by content (a checkpoint's SHA-256, or the seed of random
+    weights), not by file name; ``image_size`` is the side of the written images in pixels (checked on
+    resume); ``vae`` the decoder of a latent model.
+    """
 
     num_samples: int
     batch_size: int
@@ -50,11 +67,22 @@ class DDPSampleConfig:
     model: str
     policy: dict
     guide_channels: str | None = None
+    image_size: int | None = None
+    vae: str | None = None
+    weights: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.global_seed, bool) or not 0 <= int(self.global_seed) < SEED_LIMIT:
+            raise ConfigError(f"--global-seed must lie in 0..2**32-1, got {self.global_seed}.")
+        if not np.isfinite(self.cfg_scale) or self.cfg_scale < 1:
+            raise ConfigError(f"--cfg-scale must be a finite number >= 1, got {self.cfg_scale}.")
 
 
 def image_seed(global_seed: int, index: int) -> int:
     """A 63-bit seed for sample ``index`` of a run seeded ``global_seed`` (numpy SeedSequence mixing)."""
-    state = np.random.SeedSequence([int(global_seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint32)
+    if not 0 <= int(global_seed) < SEED_LIMIT:
+        raise ConfigError(f"The global seed must lie in 0..2**32-1, got {global_seed}.")
+    state = np.random.SeedSequence([int(global_seed), int(index)]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
@@ -85,35 +113,40 @@ def png_path(out_dir: Path, index: int) -> Path:
     return Path(out_dir) / "samples" / f"{index:06d}.png"
 
 
-def pending_batches(out_dir: Path, num_samples: int, batch_size: int) -> list[int]:
-    """Indices of the batches that have at least one missing PNG."""
+def _size(image_size: int | None) -> tuple[int, int] | None:
+    return None if image_size is None else (image_size, image_size)
+
+
+def pending_batches(out_dir: Path, num_samples: int, batch_size: int, image_size: int | None = None,
+                    rank: int = 0, world: int = 1) -> list[int]:
+    """Indices of the batches with a PNG that is missing or bad (does not decode, or not ``image_size``).
+
+    Every PNG is decoded, since a kill, a full disk or a copy can leave a file that exists but is not an
+    image; with ``world`` > 1 each rank checks its share (batches ``j % world == rank``)."""
+    size = _size(image_size)
     return [j for j, idx in enumerate(batches(num_samples, batch_size))
-            if not all(png_path(out_dir, k).is_file() for k in idx)]
+            if j % world == rank and not all(png_ok(png_path(out_dir, k), size) for k in idx)]
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
     """Atomically write one uint8 (H, W, 3) image."""
-    from PIL import Image
-
-    from stepcache.cli.common import atomic_write
-
-    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+    _write_png(path, image)
 
 
-def assemble_npz(out_dir: Path, num_samples: int) -> Path:
+def assemble_npz(out_dir: Path, num_samples: int, image_size: int | None = None) -> Path:
     """Read PNGs 0..N-1 into ``DIR/samples.npz`` (``arr_0``, uint8 (N, H, W, 3)), written atomically."""
-    from PIL import Image
-
-    from stepcache.cli.common import atomic_write
-
     missing = [k for k in range(num_samples) if not png_path(out_dir, k).is_file()]
     if missing:
         raise ConfigError(f"{len(missing)} of {num_samples} samples are missing in {out_dir}/samples "
                           f"(first: {missing[0]}); rerun the same command to finish them.")
-    arr = np.stack([np.asarray(Image.open(png_path(out_dir, k)).convert("RGB")) for k in range(num_samples)])
-    path = Path(out_dir) / "samples.npz"
-    atomic_write(path, lambda f: np.savez(f, arr_0=arr))
-    return path
+    size = _size(image_size)
+    try:
+        arr = np.stack([read_png(png_path(out_dir, k), size) for k in range(num_samples)])  # (N, H, W, 3)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} Rerun the same command to redo it.") from None
+    except ValueError:
+        raise CheckpointError(f"The PNGs in {out_dir}/samples differ in size; rerun the same command.") from None
+    return save_npz(Path(out_dir) / "samples.npz", arr_0=arr)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -132,19 +165,62 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _check_record(out_dir: Path, cfg: DDPSampleConfig) -> dict:
-    """The existing record (or a new one); refuses a directory sampled with another configuration."""
-    path = Path(out_dir) / RECORD
-    if not path.is_file():
-        return {"config": asdict(cfg), "runs": []}
+def _differing(old: dict, new: dict) -> str | None:
+    """The first config field whose value differs, as a phrase naming its command-line option."""
+    for key in list(new) + [k for k in old if k not in new]:
+        if old.get(key) != new.get(key):
+            was, now = old.get(key, "unrecorded"), new.get(key, "unset")
+            if key in ("policy", "weights"):
+                return f"{OPTION.get(key, key)} differ"
+            return f"{OPTION.get(key, key)} was {was!r}, now {now!r}"
+    return None
+
+
+def _has_samples(out_dir: Path) -> bool:
+    folder = Path(out_dir) / "samples"
+    return (Path(out_dir) / "samples.npz").exists() or (folder.is_dir() and any(folder.glob("*.png")))
+
+
+def prepare_record(out_dir: Path, cfg: DDPSampleConfig) -> dict:
+    """The folder's record, written now when new; refuses a folder sampled with another configuration.
+
+    Runs before the first sample, so a killed run always leaves the record of what its PNGs are, and a
+    rerun with other options (or a folder of PNGs from elsewhere, without a record) is refused instead of
+    mixing two configurations in one npz.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / RECORD
+    config = json.loads(json.dumps(asdict(cfg)))
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a sample_ddp record; use a fresh --out-dir.")
+    if not path.exists():
+        if _has_samples(out_dir):
+            raise ConfigError(f"{out_dir} holds samples but no {RECORD} saying how they were made; use a fresh "
+                              "--out-dir.")
+        record = {"config": config, "runs": []}
+        write_json(path, record)
+        return record
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         raise ConfigError(f"{path} is not a readable sample_ddp record; use a fresh --out-dir.") from None
-    if record.get("config") != json.loads(json.dumps(asdict(cfg))):
-        raise ConfigError(f"{out_dir} holds samples of another configuration (see {path}); use a fresh --out-dir "
-                          "or the same options as before.")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
+            or not isinstance(record.get("runs", []), list):
+        raise ConfigError(f"{path} is not a sample_ddp record; use a fresh --out-dir.")
+    why = _differing(record["config"], config)
+    if why:
+        raise ConfigError(f"{out_dir} holds samples of another configuration ({why}; see {path}); use a fresh "
+                          "--out-dir or the same options as before.")
+    record.setdefault("runs", [])
     return record
+
+
+def _clean_partial_writes(out_dir: Path) -> None:
+    """Remove temporary files that a killed atomic write left in ``DIR/samples``."""
+    folder = Path(out_dir) / "samples"
+    if folder.is_dir():
+        for tmp in folder.glob(".*.png.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _broadcast(obj, rank: int, world: int):
@@ -153,6 +229,32 @@ def _broadcast(obj, rank: int, world: int):
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _on_rank0(fn, rank: int, world: int):
+    """``fn()`` on rank 0, its result (or its one-sentence error, raised again) on every rank.
+
+    Without this a refusal on rank 0 would leave the other ranks to die on a closed connection."""
+    outcome = None
+    if rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except StepcacheError as exc:
+            outcome = ("error", type(exc), str(exc))
+    outcome = _broadcast(outcome, rank, world)
+    if outcome[0] == "error":
+        raise outcome[1](outcome[2])
+    return outcome[1]
+
+
+def _gather_pending(out_dir: Path, cfg: DDPSampleConfig, rank: int, world: int) -> list[int]:
+    """Batches to (re)do, found by every rank decoding its share of the existing PNGs."""
+    mine = pending_batches(out_dir, cfg.num_samples, cfg.batch_size, cfg.image_size, rank, world)
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return sorted(j for part in parts for j in part)
 
 
 def run_ddp_sampling(model, cfg: DDPSampleConfig, out_dir: Path, to_uint8: Callable, policy=None,
@@ -165,9 +267,14 @@ def run_ddp_sampling(model, cfg: DDPSampleConfig, out_dir: Path, to_uint8: Calla
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.global_seed * world + rank)  # DiT's per-rank seed (nothing below draws from it)
     out_dir = Path(out_dir)
-    record = _check_record(out_dir, cfg)
-    pending = _broadcast(pending_batches(out_dir, cfg.num_samples, cfg.batch_size) if rank == 0 else None,
-                         rank, world)
+
+    def prepare():
+        record = prepare_record(out_dir, cfg)
+        _clean_partial_writes(out_dir)
+        return record
+
+    record = _on_rank0(prepare, rank, world)
+    pending = _gather_pending(out_dir, cfg, rank, world)
     mine = pending[rank::world]
     all_batches = batches(cfg.num_samples, cfg.batch_size)
     model = model.to(device)
@@ -185,18 +292,17 @@ def run_ddp_sampling(model, cfg: DDPSampleConfig, out_dir: Path, to_uint8: Calla
            "batches_sampled": len(pending), "samples_sampled": int(sum(float(g[0]) for g in gathered)),
            "samples_skipped": cfg.num_samples - int(sum(float(g[0]) for g in gathered)),
            "rank_seconds": [float(g[1]) for g in gathered], **(extra_record or {})}
-    if rank == 0:
+
+    def finish():
         npz_start = time.perf_counter()
-        npz = assemble_npz(out_dir, cfg.num_samples)
+        npz = assemble_npz(out_dir, cfg.num_samples, cfg.image_size)
         wall = max(run["rank_seconds"])
         run.update(sampling_seconds=wall, npz_seconds=time.perf_counter() - npz_start, npz=str(npz),
                    samples_per_second=run["samples_sampled"] / wall if wall > 0 else None)
         record["runs"].append(run)
-        from stepcache.cli.common import write_json
-
         write_json(out_dir / RECORD, record)
-    if world > 1:
-        dist.barrier()
+
+    _on_rank0(finish, rank, world)
     return run
 
 
@@ -212,6 +318,9 @@ def _sample_batches(model, todo: list[range], cfg: DDPSampleConfig, device, out_
     for idx in todo:
         out, _ = sample_batch(model, idx, cfg, device, policy)
         images = to_uint8(out)                                   # (n, H, W, 3) uint8
+        if cfg.image_size is not None and images.shape[1:3] != (cfg.image_size, cfg.image_size):
+            raise ConfigError(f"The decoded images are {images.shape[1]}x{images.shape[2]} pixels, not the "
+                              f"recorded {cfg.image_size}x{cfg.image_size}.")
         for k, img in zip(idx, images):
             write_png(png_path(out_dir, k), img)
         done += len(idx)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from functools import partial
 
 import torch
 
 from stepcache.diffusion.schedule import Diffusion
 from stepcache.errors import ConfigError
-from stepcache.runtime.context import StepContext
-from stepcache.runtime.handle import apply, get_handle
+from stepcache.core.context import StepContext
+from stepcache.api import apply, get_handle
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import SAMPLERS
 
@@ -21,8 +22,8 @@ def _check(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int, sam
         raise ConfigError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
-    if cfg_scale < 1.0:
-        raise ConfigError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}.")
+    if not math.isfinite(cfg_scale) or cfg_scale < 1.0:  # NaN compares False: it would sample unguided
+        raise ConfigError(f"cfg_scale must be a finite number >= 1 (1 disables guidance), got {cfg_scale}.")
     cfg = getattr(model, "config", None)
     if noise.dim() != 4:
         raise ConfigError(f"noise must have shape (n, C, H, W), got {tuple(noise.shape)}.")
@@ -57,6 +58,9 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 25
     ``generator`` is given.
     """
     channels = _check(model, noise, labels, num_steps, sampler, cfg_scale, guide_channels)
+    if isinstance(generator, (list, tuple)) and len(generator) != noise.shape[0]:
+        raise ConfigError(f"generator must be one generator or a list of one per sample ({noise.shape[0]}), "
+                          f"got a list of {len(generator)}.")
     step = SAMPLERS[sampler]
     diffusion = Diffusion(num_steps)
     use_cfg = cfg_scale > 1.0

@@ -21,16 +21,18 @@ from the batched call's and it runs on a window of steps only, so no cache of it
 from __future__ import annotations
 
 from stepcache.adapters.base import register_adapter
-from stepcache.adapters.diffusers_common import BlockGroup, DiffusersAdapter, Site
+from stepcache.adapters.diffusers.common import BlockGroup, DiffusersAdapter, Site
 
 
 @register_adapter
 class SD3Adapter(DiffusersAdapter):
     family = "diffusers.SD3Transformer2DModel"
     class_names = ("SD3Transformer2DModel",)
+    capabilities = frozenset({"value_norms"})  # joint attention: no attention map
     groups = (BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("attn2", "attn2", "self"),
                                                 Site("mlp", "ff", "token", norm="norm2"),
-                                                Site("context_mlp", "ff_context", "text", norm="norm2_context"))),)
+                                                Site("context_mlp", "ff_context", "text", norm="norm2_context")),
+                         stream="pair"),)
     cfg_layout = "uncond_first"
     image_modules = ("pos_embed", "proj_out")
     text_modules = ("context_embedder",)

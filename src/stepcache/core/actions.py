@@ -1,4 +1,4 @@
-"""What a policy may tell the runtime to do with one branch (site) at one step."""
+"""What a policy may tell the runtime to do with one site at one model call."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class Compute:
-    """Run the branch on every token and refresh its cache."""
+    """Run the site on every token and refresh its cache."""
 
     need_map: bool = False  # also produce the attention map (explicit softmax) for scoring
     need_values: bool = False  # also produce per-head value norms (B, H, T); attention stays fused (SDPA)
@@ -19,7 +19,7 @@ class Compute:
 
 @dataclass(frozen=True)
 class Reuse:
-    """Skip the branch; reuse its cached (un-gated) output."""
+    """Skip the site; reuse its cached output (a branch's un-gated output, a span's residual)."""
 
     kind = "reuse"
 
@@ -43,6 +43,18 @@ class Blend:
     kind = "blend"
 
 
+@dataclass(frozen=True, eq=False)
+class Emit:
+    """Skip the site; its output is ``tensor``, supplied by the policy (a forecast). ``macs`` is the
+    work the policy spent making it (counted as executed)."""
+
+    tensor: torch.Tensor
+    macs: int = 0
+
+    kind = "emit"
+
+
 COMPUTE = Compute()
 COMPUTE_WITH_MAP = Compute(need_map=True)
+COMPUTE_WITH_VALUES = Compute(need_values=True)
 REUSE = Reuse()

@@ -9,7 +9,7 @@ timestep unchanged.
 from __future__ import annotations
 
 from stepcache.adapters.base import register_adapter
-from stepcache.adapters.diffusers_common import BlockGroup, DiffusersAdapter, Site
+from stepcache.adapters.diffusers.common import BlockGroup, DiffusersAdapter, Site
 
 
 @register_adapter

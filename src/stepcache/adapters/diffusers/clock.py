@@ -15,7 +15,7 @@ class back. Per pipeline call:
    ``timestep_scale``: FLUX passes ``t / 1000``) must equal ``scheduler.timesteps[begin + n]``;
    otherwise a :class:`ClockError` is raised rather than guessing.
 4. Several transformer calls within one step (FLUX true CFG: cond then uncond) get ``call = 0, 1,
-   ...`` and separate caches (the runtime store is swapped per call index).
+   ...`` and separate caches (the runtime keeps one state per call index).
 
 CFG layout: batched pipelines mark the run ``cfg`` when the rows are twice the conditional batch;
 DiT puts cond first, PixArt/SD3 put uncond first (``RunInfo.uncond_first``).
@@ -29,16 +29,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from dataclasses import replace
-
 import torch
 
 from stepcache.errors import ClockError, ConfigError
-from stepcache.runtime.context import StepContext
-from stepcache.runtime.hooks import AttrPatch
+from stepcache.core.context import StepContext
+from stepcache.core.hooks import AttrPatch
 
 _CLASS_CACHE: dict[type, type] = {}
 _ATTR = "_stepcache_clock"
+
+
+def _tolerance(timestep, expected: float) -> float:
+    """How far the timestep a pipeline passes may be from the scheduler's: pipelines cast it to the model
+    dtype (FLUX in bfloat16 passes t / 1000 rounded to 8 bits of mantissa), so allow two units in the last
+    place of that dtype, and never less than 1e-3 relative."""
+    dtype = timestep.dtype if isinstance(timestep, torch.Tensor) and timestep.is_floating_point() else torch.float32
+    return max(1e-3, 2 * torch.finfo(dtype).eps) * max(1.0, abs(expected))
 
 
 def _timestep_value(timestep) -> float:
@@ -67,7 +73,7 @@ class PipelineClock:
             raise ClockError("This pipeline is already running; stepcache does not support re-entrant calls.")
         scheduler = self.pipe.scheduler
         self.active, self.started, self.cfg = True, False, cfg
-        self.steps_done, self.calls_in_step, self.stores = 0, 0, {}
+        self.steps_done, self.calls_in_step = 0, 0
         self.handle.end_run()
         original_step = scheduler.step
 
@@ -76,6 +82,7 @@ class PipelineClock:
             out = original_step(*args, **kwargs)
             self.steps_done += 1
             self.calls_in_step = 0
+            self._maybe_finish_late()
             return out
 
         patch = AttrPatch(scheduler, "step", step)
@@ -83,9 +90,22 @@ class PipelineClock:
             yield
         finally:
             patch.restore()
-            self.stores = {}
             self.handle.end_run()
             self.active = False
+
+    def adopt_running_call(self, cfg: bool) -> None:
+        """Start the clock inside a pipeline call that is already running (stepcache was applied to the bare
+        transformer and its pipeline found at the first transformer call): the state ends when the
+        scheduler has taken all its steps."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.pipeline_call(cfg))
+        self._late = stack
+
+    def _maybe_finish_late(self) -> None:
+        late = getattr(self, "_late", None)
+        if late is not None and self.started and self.steps_done >= self.handle.run.num_steps:
+            self._late = None
+            late.close()
 
     # ------------------------------------------------------------------ per transformer call
     def on_model_call(self, rows: int, timestep, adapter) -> None:
@@ -106,22 +126,18 @@ class PipelineClock:
             raise ClockError(f"The pipeline called the transformer after all {S} scheduler steps were taken.")
         t = _timestep_value(timestep) * adapter.timestep_scale
         expected = float(timesteps[begin + n])
-        if abs(t - expected) > 1e-3 * max(1.0, abs(expected)):
+        if abs(t - expected) > _tolerance(timestep, expected):
             raise ClockError(f"The transformer got timestep {t:g} but the scheduler is at {expected:g} (step {n}); "
                              "stepcache cannot tell which step this pipeline is on.")
         call = self.calls_in_step
-        self.calls_in_step += 1
-        self.handle.store = self.stores.setdefault(call, {})  # separate caches per call of a step
+        self.calls_in_step += 1  # each call of a step keeps its own state in the runtime (core.state)
         self.handle.set_step(StepContext(i=S - 1 - n, num_steps=S, t=expected, call=call))
 
     def _begin(self, num_steps: int, rows: int, adapter) -> None:
         batched = self.cfg and adapter.cfg_layout != "separate_calls"
         if batched and rows % 2:
             raise ClockError(f"A CFG batch must have an even number of rows, got {rows}.")
-        self.handle.begin_run(num_steps, rows, cfg=batched)
-        if batched and adapter.cfg_layout == "uncond_first":
-            self.handle.run = replace(self.handle.run, uncond_first=True)
-            self.handle.handler.reset(self.handle.run)
+        self.handle.begin_run(num_steps, rows, cfg=batched, uncond_first=batched and adapter.cfg_layout == "uncond_first")
         self.started = True
 
 
@@ -174,6 +190,51 @@ class PipelinePatch:
         self.pipe.__class__ = self.original_class
         self.pipe.__dict__.pop(_ATTR, None)
         self.clock.handle.clock = None
+
+
+def _is_pipeline_of(obj, transformer) -> bool:
+    return (getattr(obj, "__dict__", {}).get("transformer") is transformer and hasattr(obj, "scheduler")
+            and any(c.__name__ == "DiffusionPipeline" for c in type(obj).__mro__))
+
+
+def find_pipeline(transformer):
+    """The one diffusers pipeline holding ``transformer`` (``pipe.transformer``), or None (none, or several)."""
+    import gc
+
+    owners = []
+    for ref in gc.get_referrers(transformer):
+        if isinstance(ref, dict):
+            owners += [o for o in gc.get_referrers(ref) if _is_pipeline_of(o, transformer)]
+    unique = {id(o): o for o in owners}
+    return next(iter(unique.values())) if len(unique) == 1 else None
+
+
+def pipeline_in_stack(transformer, depth: int = 12):
+    """(pipeline, its __call__ locals) if a pipeline's ``__call__`` up the stack is calling ``transformer``."""
+    import sys
+
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None, None
+        owner = frame.f_locals.get("self")
+        if owner is not None and _is_pipeline_of(owner, transformer):
+            return owner, dict(frame.f_locals)
+        frame = frame.f_back
+    return None, None
+
+
+def adopt_from_stack(transformer, handle) -> bool:
+    """Attach the clock of the pipeline now calling ``transformer`` (stepcache applied to the bare
+    transformer); True if one was found and the clock runs for this call."""
+    pipe, local = pipeline_in_stack(transformer)
+    if pipe is None:
+        return False
+    handle._patches.append(attach_pipeline(pipe, handle))
+    base = type(pipe).__dict__.get("_stepcache_base", type(pipe))
+    names = set(inspect.signature(base.__call__).parameters) - {"self"}
+    handle.clock.adopt_running_call(_guidance_on(base, (), {k: v for k, v in local.items() if k in names}))
+    return True
 
 
 def attach_pipeline(pipe, handle) -> PipelinePatch:

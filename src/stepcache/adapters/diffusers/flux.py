@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from stepcache.adapters.base import register_adapter
-from stepcache.adapters.diffusers_common import BlockGroup, DiffusersAdapter, Site
-from stepcache.runtime.hooks import ForwardPatch
+from stepcache.adapters.diffusers.common import BlockGroup, DiffusersAdapter, Site
+from stepcache.core.hooks import ForwardPatch
 
 
 def attention_first(block):
@@ -53,19 +53,20 @@ class FluxAdapter(DiffusersAdapter):
     class_names = ("FluxTransformer2DModel",)
     groups = (
         BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "ff", "token"),
-                                          Site("context_mlp", "ff_context", "text"))),
-        BlockGroup("single_transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "proj_mlp", "split"))),
+                                          Site("context_mlp", "ff_context", "text")), stream="pair"),
+        BlockGroup("single_transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "proj_mlp", "split")),
+                   stream="pair"),
     )
     timestep_scale = 1000.0
     cfg_layout = "separate_calls"
     image_modules = ("x_embedder", "proj_out")
     text_modules = ("context_embedder",)
 
-    def install(self, model, handle) -> list:
-        patches = super().install(model, handle)
+    capabilities = frozenset({"value_norms"})  # joint attention with RoPE: no attention map
+
+    def patch_blocks(self, model, handle, patches: list) -> None:
         for block in model.single_transformer_blocks:
             patches.append(ForwardPatch(block, lambda _original, b=block: attention_first(b)))
-        return patches
 
     def default_grid(self, model):
         return 64, 64  # 1024 px; the real grid is read from img_ids at call time

@@ -12,13 +12,14 @@ padding mask applied) for the entropy score. The pipelines batch CFG as [uncond;
 from __future__ import annotations
 
 from stepcache.adapters.base import register_adapter
-from stepcache.adapters.diffusers_common import BlockGroup, DiffusersAdapter, Site
+from stepcache.adapters.diffusers.common import BlockGroup, DiffusersAdapter, Site
 
 
 @register_adapter
 class PixArtAdapter(DiffusersAdapter):
     family = "diffusers.PixArtTransformer2DModel"
     class_names = ("PixArtTransformer2DModel",)
+    variant = "pixart"  # ToCa's reference has a PixArt variant
     groups = (BlockGroup("transformer_blocks", (Site("attn", "attn1", "self", norm="norm1"),
                                                 Site("cross", "attn2", "cross"),
                                                 Site("mlp", "ff", "token", norm="norm2"))),)

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from stepcache.adapters.base import Adapter, gather_tokens
+from stepcache.core.context import ModelInfo
 from stepcache.errors import ClockError, ConfigError
-from stepcache.policies.base import ModelInfo
-from stepcache.runtime.hooks import AttrPatch, ForwardPatch
+from stepcache.adapters.diffusers.clock import adopt_from_stack
+from stepcache.core.hooks import AttrPatch, ForwardPatch
 
 def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
@@ -59,10 +60,17 @@ class Site:
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """A ``ModuleList`` of blocks (``attr`` on the transformer) and the sites of each of its blocks."""
+    """A ``ModuleList`` of blocks (``attr`` on the transformer) and the sites of each of its blocks.
+
+    ``stream``: how a block takes and returns its hidden states, for spans of blocks:
+    ``"hidden"`` — ``block(hidden_states, ...) -> hidden_states``; ``"pair"`` —
+    ``block(hidden_states, encoder_hidden_states, ...) -> (encoder_hidden_states, hidden_states)``
+    (SD3, FLUX). A span's residual of pair blocks is [image; text] along dim 1 (image tokens first).
+    """
 
     attr: str
     sites: tuple[Site, ...]
+    stream: str = "hidden"
 
 
 class Geometry:
@@ -165,6 +173,8 @@ class DiffusersAdapter(Adapter):
     image_modules: tuple[str, ...] = ()  # non-block modules run on every image token (for MACs)
     text_modules: tuple[str, ...] = ()  # non-block modules run on every text token (for MACs)
     skip_unused_norms: bool = True  # skip a Site.norm when its site is reused (outputs unchanged)
+    capabilities: frozenset = frozenset({"attention_map", "value_norms"})
+    variant: str | None = None  # the policy variant the family's reference calls for (PixArt: "pixart")
 
     # ------------------------------------------------------------------ declaration helpers
     def matches(self, model) -> bool:
@@ -201,20 +211,22 @@ class DiffusersAdapter(Adapter):
     def info(self, model) -> ModelInfo:
         grid = self.default_grid(model)
         return ModelInfo(depth=len(self.blocks(model)), num_tokens=grid[0] * grid[1], grid=grid,
-                         branches=self.branches, family=self.family)
+                         branches=self.branches, family=self.family, capabilities=self.capabilities,
+                         variant=self.variant)
 
     # ------------------------------------------------------------------ installation
-    def install(self, model, handle) -> list:
+    def install(self, model, handle, patches: list) -> None:
         refuse_diffusers_cache(model)
+        for block, _group in self.blocks(model):  # refuse before patching anything
+            if getattr(block, "_chunk_size", None) is not None:
+                raise ConfigError(f"{type(model).__name__} has feed-forward chunking enabled; stepcache caches whole "
+                                  "branch outputs: call set_chunk_feed_forward(None) (or disable_forward_chunking()).")
         geom = Geometry(handle.info.num_tokens, handle.info.grid)
-        patches = [ForwardPatch(model, lambda original: self._model_forward(model, original, handle, geom))]
+        patches.append(ForwardPatch(model, lambda original: self._model_forward(model, original, handle, geom)))
         if hasattr(model, "enable_cache"):
             patches.append(AttrPatch(model, "enable_cache", _refuse_enable_cache))
         extra = _branch_extras(handle)
         for layer, (block, group) in enumerate(self.blocks(model)):
-            if getattr(block, "_chunk_size", None) is not None:
-                raise ConfigError(f"{type(model).__name__} has feed-forward chunking enabled; stepcache caches whole "
-                                  "branch outputs: call set_chunk_feed_forward(None) (or disable_forward_chunking()).")
             for site in group.sites:
                 module = getattr(block, site.module, None)
                 if module is None:  # e.g. SD3's last block has no text MLP
@@ -226,7 +238,16 @@ class DiffusersAdapter(Adapter):
                 if isinstance(norm, nn.LayerNorm) and hasattr(handle, "peek"):
                     patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer:
                                                 _skippable_norm(orig, s, l, handle)))
-        return patches
+        self.patch_blocks(model, handle, patches)
+        if handle.has_spans:  # blocks as units: outermost, so a reused span skips the whole block
+            for layer, (block, group) in enumerate(self.blocks(model)):
+                sites = tuple((s.branch, getattr(block, s.module).forward.site_macs) for s in group.sites
+                              if getattr(block, s.module, None) is not None)
+                patches.append(ForwardPatch(block, lambda orig, l=layer, g=group, st=sites:
+                                            _span_block(orig, l, g, st, handle)))
+
+    def patch_blocks(self, model, handle, patches: list) -> None:
+        """Family hook: replace block forwards (FLUX's single blocks) before the span wrappers go on."""
 
     def _model_forward(self, model, original, handle, geom: Geometry):
         fixed_per_token = self._fixed_macs(model)
@@ -239,7 +260,10 @@ class DiffusersAdapter(Adapter):
             set_geometry(handle, T, grid, new_run=clock is not None and clock.starting)
             geom.num_tokens, geom.grid, geom.text_len = T, grid, L
             rows = call.arguments["hidden_states"].shape[0]
-            if clock is not None:
+            if clock is None and handle.ctx is None and adopt_from_stack(model, handle):
+                clock = handle.clock
+                set_geometry(handle, T, grid, new_run=True)
+            if clock is not None and (clock.active or handle.ctx is None):  # else driven by hand (begin_run/set_step)
                 clock.on_model_call(rows, call.arguments.get("timestep"), self)
             fixed = fixed_per_token[0] * T + fixed_per_token[1] * L + fixed_per_token[2]
             if self.uncached_call(call):
@@ -269,6 +293,36 @@ class DiffusersAdapter(Adapter):
         return per_image, per_text, per_row
 
 
+def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
+    """A block routed through ``handle.block`` so that spans of blocks can be computed or skipped.
+    The blocks' own adaLN work is part of the model's fixed work here (a skipped block's is still counted
+    as executed: the accounting errs on the side of less saving)."""
+    pair = group.stream == "pair"
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        call = _call_args(original, args, kwargs)
+        h = call.arguments["hidden_states"]  # (B, T, D)
+        run = lambda: original(*args, **kwargs)  # noqa: E731
+        if not pair:
+            return handle.block(layer, h, run, sites=sites)
+        e = call.arguments.get("encoder_hidden_states")  # (B, L, D) or None
+        T = h.shape[1]
+        x = h if e is None else torch.cat([h, e], dim=1)  # (B, T + L, D)
+
+        def hidden(out):  # (encoder, hidden) -> [image; text]; a block that drops the text keeps it as it came
+            enc, hid = out
+            enc = e if enc is None else enc
+            return hid if enc is None else torch.cat([hid, enc], dim=1)
+
+        def passthrough(stream):
+            return (stream[:, T:] if stream.shape[1] > T else None), stream[:, :T]
+
+        return handle.block(layer, x, run, sites=sites, hidden=hidden, passthrough=passthrough)
+
+    return forward
+
+
 def _module_work(m: nn.Module) -> int:
     """MACs per position of a Linear or Conv2d layer (0 for anything else)."""
     if isinstance(m, nn.Linear):
@@ -296,13 +350,22 @@ def set_geometry(handle, num_tokens: int, grid: tuple[int, int], new_run: bool =
         handle.handler.reset(handle.run)
 
 
+# diffusers hooks that skip or approximate denoising work (their names in diffusers' HookRegistry); other
+# hooks (layerwise casting, group offloading, context/tensor parallelism) run beside stepcache.
+_CACHE_HOOK_PREFIXES = ("faster_cache", "fbc_", "mag_cache", "pyramid_attention_broadcast", "sea_cache",
+                        "taylorseer_cache", "layer_skip")
+
+
 def refuse_diffusers_cache(model) -> None:
-    """stepcache and diffusers' own caches on one model would both skip work: refuse the combination."""
-    enabled = getattr(model, "is_cache_enabled", False)
-    hooked = any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in model.modules())
-    if enabled or hooked:
-        raise ConfigError(f"{type(model).__name__} already has diffusers hooks or a diffusers cache "
-                          "(enable_cache); disable them before stepcache.apply().")
+    """stepcache and diffusers' own caches on one model would both skip work: refuse the combination, by name."""
+    names = set()
+    for m in model.modules():
+        hooks = getattr(getattr(m, "_diffusers_hook", None), "hooks", None) or {}
+        names |= {n for n in hooks if n.startswith(_CACHE_HOOK_PREFIXES)}
+    if getattr(model, "is_cache_enabled", False) or names:
+        found = ", ".join(sorted(names)) or "enable_cache"
+        raise ConfigError(f"{type(model).__name__} already has a diffusers cache ({found}); call "
+                          "disable_cache() before stepcache.apply().")
 
 
 def _refuse_enable_cache(*args, **kwargs):
@@ -331,6 +394,7 @@ def _skippable_norm(original, site, layer, handle):
 # ---------------------------------------------------------------------------------- site kinds
 def _token_site(original, module, site, layer, handle, geom, extra):
     per_token = linear_macs(module)
+    macs = lambda k: k * per_token  # noqa: E731
 
     def forward(hidden_states, *args, **kwargs):  # (B, T, D)
         kw = {"x": hidden_states} if "x" in extra else {}
@@ -338,19 +402,20 @@ def _token_site(original, module, site, layer, handle, geom, extra):
             layer, site.branch,
             full=lambda: original(hidden_states, *args, **kwargs),
             tokens=lambda index: original(gather_tokens(hidden_states, index), *args, **kwargs),
-            macs=lambda k: k * per_token, **kw)
+            macs=macs, **kw)
 
+    forward.site_macs = macs
     return forward
 
 
 def _text_site(original, module, site, layer, handle, geom, extra):
     per_token = linear_macs(module)
+    macs = lambda k: k * geom.text_len * per_token // max(geom.num_tokens, 1)  # noqa: E731
 
     def forward(hidden_states, *args, **kwargs):  # (B, L, D): text stream, Compute/Reuse only
-        L = hidden_states.shape[1]
-        return handle.branch(layer, site.branch, full=lambda: original(hidden_states, *args, **kwargs),
-                             macs=lambda k: k * L * per_token // max(geom.num_tokens, 1))
+        return handle.branch(layer, site.branch, full=lambda: original(hidden_states, *args, **kwargs), macs=macs)
 
+    forward.site_macs = macs
     return forward
 
 
@@ -381,6 +446,7 @@ def _self_site(original, module, site, layer, handle, geom, extra):
         kw = {"with_values": lambda: (full(), value_norms(module, hidden_states))} if "with_values" in extra else {}
         return handle.branch(layer, site.branch, full=full, macs=macs, with_map=with_map, **kw)
 
+    forward.site_macs = macs
     return forward
 
 
@@ -406,6 +472,7 @@ def _cross_site(original, module, site, layer, handle, geom, extra):
         return handle.branch(layer, site.branch, full=full, tokens=on, macs=macs,
                              with_map=lambda: (full(), attention_map(module, x, ctx, mask)), **kw)
 
+    forward.site_macs = macs
     return forward
 
 
@@ -436,11 +503,13 @@ def _joint_site(original, module, site, layer, handle, geom, extra):
             return out
         return out[:, :T], (out[:, T:] if out.shape[1] > T else None)
 
+    forward.site_macs = macs
     return forward
 
 
 def _split_site(original, module, site, layer, handle, geom, extra):
     per_token = linear_macs(module)
+    macs = lambda k: k * per_token + (geom.text_len * per_token if k == geom.num_tokens else 0)  # noqa: E731
 
     def forward(hidden_states, *args, **kwargs):  # (B, L + T, D): [text; image]
         L = geom.text_len
@@ -453,10 +522,11 @@ def _split_site(original, module, site, layer, handle, geom, extra):
         kw = {"x": image} if "x" in extra else {}
         out = handle.branch(layer, site.branch, full=full,
                             tokens=lambda index: original(gather_tokens(image, index), *args, **kwargs),
-                            macs=lambda k: k * per_token + (L * per_token if k == geom.num_tokens else 0), **kw)
+                            macs=macs, **kw)
         T = out.shape[1] - L
         return torch.cat([out[:, T:], out[:, :T]], dim=1)
 
+    forward.site_macs = macs
     return forward
 
 

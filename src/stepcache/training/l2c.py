@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from stepcache.errors import ConfigError, ModelMismatchError
-from stepcache.policies.base import PolicyConfig, PolicyHandler, register_policy
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.policies.l2c import active_units, is_cache_step, load_router, save_router, unit_index
-from stepcache.runtime.actions import COMPUTE, Blend
-from stepcache.runtime.context import StepContext
+from stepcache.core.actions import COMPUTE, Blend
+from stepcache.core.context import StepContext
 from stepcache.sampling.ddp import init_distributed
 
 
@@ -84,12 +84,12 @@ class L2CTraining(PolicyConfig):
 
 
 @register_policy(L2CTraining)
-class L2CTrainingHandler(PolicyHandler):
+class L2CTrainingPolicy(Policy):
     def reset(self, run) -> None:
         super().reset(run)
         self._step, self._weights = None, None
 
-    def decide(self, ctx, layer, branch):
+    def decide(self, ctx, site, view):
         if not is_cache_step(ctx.i, ctx.num_steps):
             return COMPUTE
         if self._step != ctx.i:  # one sigmoid per forward, shared by every layer
@@ -97,7 +97,7 @@ class L2CTrainingHandler(PolicyHandler):
             theta = self.config.ste_threshold
             self._weights = beta if theta is None else _STE.apply(beta, theta)
             self._step = ctx.i
-        return Blend(weight=self._weights[unit_index(layer, branch)])
+        return Blend(weight=self._weights[unit_index(site.layer, site.name)])
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -146,7 +146,7 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------- one iteration
 def router_loss(model, diffusion, router: RouterLogits, x0, y, ts: int, noise, drop, cfg: RouterTrainConfig):
     """(loss, mse, l1) of the paper's objective for one batch at full step ``ts`` (odd)."""
-    from stepcache.runtime.handle import apply
+    from stepcache.api import apply
     from stepcache.sampling.samplers import ddim_step
 
     B, S = x0.shape[0], diffusion.num_steps
@@ -290,14 +290,14 @@ def skip_share(router: RouterLogits, threshold: float) -> float:
 def train_router(model, data, cfg: RouterTrainConfig, *, checkpoint: str | Path | None = None,
                  resume: bool = False, model_name: str | None = None, progress: bool = True,
                  on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train a router for ``model`` on ``data`` (:class:`~stepcache.policies.l2c_data.RouterData`).
+    """Train a router for ``model`` on ``data`` (:class:`~stepcache.training.l2c_data.RouterData`).
 
     ``checkpoint``: written every ``cfg.checkpoint_every`` iterations and at the end (rank 0);
     with ``resume`` the run continues from it, bit for bit as if never interrupted.
     ``on_step(iteration, loss)`` is called after each iteration (1-based).
     """
     from stepcache.diffusion.schedule import Diffusion
-    from stepcache.policies.l2c_data import check_data
+    from stepcache.training.l2c_data import check_data
 
     check_data(data, model)
     if cfg.label_dropout > 0 and model.config.class_dropout_prob <= 0:

@@ -1,0 +1,1 @@
+"""Training of learned caching policies (the L2C router) with the model frozen."""
