@@ -40,6 +40,8 @@ from typing import Callable
 
 import torch
 
+from stepcache.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,24 +54,26 @@ STEPCACHE_SETTINGS = {
     "fora": [{"interval": n} for n in (2, 3, 4, 6)],
     "toca": [{"interval": 3, "fresh_ratio": 0.1}, {"interval": 4, "fresh_ratio": 0.1}],
     "l2c": [{"threshold": 0.1}, {"threshold": 0.5}],  # the shipped DDIM-50 router
-    "taylorseer": [{"interval": n, "order": k} for n, k in ((3, 1), (4, 1), (5, 1), (4, 2), (6, 2))],
-    "fbcache": [{"threshold": t} for t in (0.05, 0.1, 0.2)],
-    "magcache": [{"threshold": t} for t in (0.06, 0.12, 0.24)],
-    "teacache": [{"threshold": t} for t in (0.1, 0.2, 0.4)],
-    "dbcache": [{"front": 1, "back": 0, "threshold": t} for t in (0.08, 0.12, 0.2)],
+    "taylorseer": [*({"interval": n, "order": k} for n, k in ((3, 1), (4, 1), (4, 2), (5, 2), (6, 2))),
+                   {"interval": 3, "order": 1, "sites": "attention"}],
+    "fbcache": [{"threshold": t} for t in (0.05, 0.1)],
+    "magcache": [{"threshold": t} for t in (0.06, 0.24)],  # + this model's ratios (stepcache_calibration)
+    "teacache": [{"threshold": t} for t in (0.01, 0.02, 0.03)],  # + this model's polynomial
+    "dbcache": [{"front": 1, "back": 0, "threshold": 0.08},
+                *({"front": 1, "back": 0, "threshold": t, "forecast": {"method": "taylorseer", "order": 1}}
+                  for t in (0.08, 0.12))],
 }
 PEER_SETTINGS = {
-    "diffusers-fbcache": [{"threshold": t} for t in (0.05, 0.1, 0.2)],
+    "diffusers-fbcache": [{"threshold": t} for t in (0.05, 0.1)],
     "diffusers-taylorseer": [{"interval": 3, "order": 1, "modules": "attn"},
                              *({"interval": n, "order": k, "modules": "attn+ff"}
                                for n, k in ((3, 1), (4, 1), (5, 1), (4, 2)))],
-    "diffusers-magcache": [{"threshold": t} for t in (0.06, 0.12, 0.24)],
-    "diffusers-pab": [{"skip": 2}, {"skip": 3}],
+    "diffusers-magcache": [{"threshold": t} for t in (0.06, 0.24)],
+    "diffusers-pab": [{"skip": 2}],
     "diffusers-fastercache": [{}],
-    "cache-dit-dbcache": [*({"threshold": t} for t in (0.08, 0.12)),
-                          *({"threshold": t, "taylorseer": True} for t in (0.08, 0.12))],
+    "cache-dit-dbcache": [{"threshold": 0.08}, *({"threshold": t, "taylorseer": True} for t in (0.08, 0.12))],
 }
-QUICK_STEPCACHE = {"fora": [{"interval": 2}]}
+QUICK_STEPCACHE = {"fora": [{"interval": 2}], "taylorseer": [{"interval": 2, "order": 1, "warmup": 1}]}
 QUICK_PEERS = {"diffusers-fbcache": [{"threshold": 0.1}], "cache-dit-dbcache": [{"threshold": 0.1, "warmup": 1}]}
 # stepcache methods that some peer also offers; the others are "own-only" for the issue's second claim
 PEER_EQUIVALENTS = {"taylorseer", "fbcache", "magcache", "teacache", "dbcache", "pab", "fastercache"}
@@ -78,22 +82,51 @@ PEER_EQUIVALENTS = {"taylorseer", "fbcache", "magcache", "teacache", "dbcache", 
 def stepcache_policy(method: str, params: dict, num_steps: int):
     """(policy config, None) from the policy registry, or (None, reason) when this build cannot run it.
     The one place that knows where the registry lives."""
-    try:
-        from stepcache.core.policy import known_methods  # engine v2
-    except ImportError:
-        from stepcache.policies.base import known_methods
     from stepcache.bench.methods import build_policy, method_unavailable
+    from stepcache.core.policy import PolicyConfig, known_methods
 
     if method not in known_methods():
         return None, f"{method} is not in this stepcache build's policy registry"
     reason = method_unavailable(method, num_steps, "ddim", embedded=True)
     if reason:
         return None, reason
-    spec = method + ":" + ",".join(f"{k}={json.dumps(v)}" for k, v in params.items())
-    return build_policy(spec, num_steps, "ddim", embedded=True), None
+    if method == "l2c":  # the shipped router is found by the bench's spec parser
+        spec = method + ":" + ",".join(f"{k}={json.dumps(v)}" for k, v in params.items())
+        return build_policy(spec, num_steps, "ddim", embedded=True), None
+    return PolicyConfig.from_dict({"method": method, **params}), None
+
+
+def stepcache_calibration(model, run: Callable[[], object]) -> dict:
+    """stepcache's own calibration (``stepcache calibrate``'s engine) from uncached runs: MagCache's ratios and
+    TeaCache's polynomial for THIS model; {} when this build has none."""
+    try:
+        from stepcache.policies.calibrate import calibrate
+    except ImportError:
+        return {}
+    from stepcache.errors import ConfigError
+
+    try:
+        out = calibrate(model, run)
+    except ConfigError as exc:  # e.g. too few steps for TeaCache's fit: those methods are then skipped
+        return {"error": str(exc)}
+    return {"magcache": {"mag_ratios": [float(v) for v in out["mag_ratios"]]},
+            "teacache": ({"coefficients": [float(v) for v in out["teacache_coefficients"]]}
+                         if out.get("teacache_coefficients") is not None else {}),
+            "teacache_r2": out.get("teacache_r2")}
 
 
 # ------------------------------------------------------------------------------ runs
+def branch_macs(stats, model, rows: int) -> float:
+    """Attention and MLP work a stepcache run executed, from the handle's per-step, per-site token counts and the
+    adapter's own MAC formula (the quantity the peers' meter counts). A policy's own work (forecast arithmetic,
+    indicators) is reported apart, as ``policy_fraction``."""
+    from stepcache.adapters.dit import dit_macs
+
+    macs = dit_macs(model)
+    return float(sum(rows * macs[site.split(".")[1]](k) for per_site in stats.decisions.values()
+                     for site, k in per_site.items()))
+
+
 class Clock:
     """Wall and process-CPU seconds of a block; CPU time is the steadier of the two on a shared machine."""
 
@@ -117,6 +150,17 @@ class Entry:
     times: list = field(default_factory=list)
     cpu_times: list = field(default_factory=list)
     result: dict = field(default_factory=dict)
+
+
+def stepcache_label(method: str, params: dict) -> str:
+    """``stepcache taylorseer(interval=4, order=1)``: the settings as given (calibration data left out)."""
+    def show(v):
+        if isinstance(v, dict):
+            inner = ", ".join(f"{k}={w}" for k, w in v.items() if k != "method")
+            return f"{v.get('method', '')}({inner})"
+        return v
+
+    return f"stepcache {method}(" + ", ".join(f"{k}={show(v)}" for k, v in params.items()) + ")"
 
 
 def peer_label(kind: str, p: dict) -> str:
@@ -169,9 +213,9 @@ class Bench:
             self.meter.reset()
             with Clock() as clock:
                 images, stats = self.sample(self.model, policy)
-            # everything the handle counted beyond the fixed work (embeddings, adaLN, final layer) is block work
-            block = stats.macs_executed - (stats.macs_uncached - self.block_uncached)
+            block = branch_macs(stats, self.model, self.rows)
             return images, {**self.work(block), "ideal_speedup": stats.ideal_speedup,
+                            "policy_fraction": getattr(stats, "macs_policy", 0) / self.block_uncached,
                             "hook_block_fraction": self.meter.macs / self.block_uncached}, clock
 
         return run
@@ -215,25 +259,32 @@ class Bench:
 
         return run
 
-    def entries(self, mag_ratios) -> tuple[list[Entry], list[dict]]:
+    def entries(self, mag_ratios, calibration: dict) -> tuple[list[Entry], list[dict]]:
         quick = self.args.preset == "quick"
         ours, peers = (QUICK_STEPCACHE, QUICK_PEERS) if quick else (STEPCACHE_SETTINGS, PEER_SETTINGS)
-        from stepcache.policies.base import NoCache  # the uncached run, with the same accounting
+        from stepcache.core.policy import NoCache  # the uncached run, with the same accounting
 
         out = [Entry("stepcache", "none", {}, "stepcache uncached", self.stepcache_run(NoCache())),
                Entry("diffusers", "none", {}, "diffusers uncached", self.diffusers_uncached())]
         skipped = []
+        keep = lambda side, method: side in self.args.sides and (not self.args.methods or method in self.args.methods)
         for method, settings in ours.items():
+            if not keep("stepcache", method):
+                continue
             for params in settings:
-                policy, reason = stepcache_policy(method, params, self.args.steps)
+                try:
+                    policy, reason = stepcache_policy(method, {**params, **calibration.get(method, {})},
+                                                      self.args.steps)
+                except ConfigError as exc:  # a calibrated method without its calibration, a bad setting
+                    policy, reason = None, str(exc)
                 if policy is None:
                     skipped.append({"side": "stepcache", "method": method, "params": params, "reason": reason})
                     continue
-                from stepcache.bench.methods import policy_label
-
-                out.append(Entry("stepcache", method, params, "stepcache " + policy_label(policy),
+                out.append(Entry("stepcache", method, params, stepcache_label(method, params),
                                  self.stepcache_run(policy)))
         for kind, settings in peers.items():
+            if not keep("cache-dit" if kind.startswith("cache-dit") else "diffusers", kind):
+                continue
             for params in settings:
                 if kind == "diffusers-magcache":
                     params = {**params, "mag_ratios": mag_ratios}
@@ -361,7 +412,8 @@ def markdown(runs: list[dict]) -> str:
 
 
 ABBREVIATIONS = (("interval=", "N="), ("order=", "O="), ("threshold=", "t="), ("fresh_ratio=", "R="),
-                 ("modules=", ""), ("FirstBlockCache", "FBCache"), (", B=0", ""), ("F=1", "F1"))
+                 ("modules=", ""), ("FirstBlockCache", "FBCache"), (", B=0", ""), ("F=1", "F1"),
+                 ("front=1, back=0", "F1"), ("forecast=taylorseer", "+TaylorSeer"), ("sites=", ""))
 
 
 def short_label(label: str) -> str:
@@ -399,7 +451,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         ax.step([r["block_fraction"] for r in front], [r["psnr"] for r in front], where="post", c=color, alpha=0.4)
         for r in rs:
             text = short_label(r["label"]) + f" {r['speedup']:.1f}x"
-            near = sum(abs(r["block_fraction"] - x) < 0.03 and abs(r["psnr"] - y) < 0.5 for x, y in placed)
+            near = sum(-0.03 < x - r["block_fraction"] < 0.12 and abs(r["psnr"] - y) < 0.5 for x, y in placed)
             placed.append((r["block_fraction"], r["psnr"]))
             ax.annotate(text, (r["block_fraction"], r["psnr"]), fontsize=6, color=color, xytext=(3, 2 - 8 * near),
                         textcoords="offset points")
@@ -437,6 +489,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration-seeds", type=int, default=8,
                    help="images for MagCache's calibration, seeds after the benchmark's (default: %(default)s)")
     p.add_argument("--preset", choices=("full", "quick"), default="full", help="settings tables (default: full)")
+    p.add_argument("--sides", nargs="+", choices=("stepcache", "diffusers", "cache-dit"),
+                   default=["stepcache", "diffusers", "cache-dit"], help="which sides to run (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (registry or peer names)")
     p.add_argument("--no-trap", action="store_true", help="skip measuring the frequency-shift trap")
     p.add_argument("--check", action="store_true", help="evaluate the issue's claims on --out and exit")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/frontier.json",
@@ -472,7 +527,8 @@ def main(argv=None) -> int:
     cnoise, clabels = make_inputs(bench.model, args.calibration_seeds, calib)
     mag_ratios = calibrate_mag_ratios(bench.base, lambda den: bench.sample(den, noise=cnoise, labels=clabels),
                                       bench.model.num_classes, args.steps)
-    entries, skipped = bench.entries(mag_ratios)
+    calibration = stepcache_calibration(bench.model, lambda: bench.sample(bench.model, noise=cnoise, labels=clabels))
+    entries, skipped = bench.entries(mag_ratios, calibration)
     reference = first_pass(bench, entries, None)
     traps = {"diffusers_uncached_vs_native_max_abs (clamped images)": entries[1].result.get("max_abs_diff")}
     if not args.no_trap:
@@ -491,7 +547,8 @@ def main(argv=None) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {"name": "embedded digits DiT", "depth": len(bench.model.blocks), "tokens": bench.model.num_tokens,
                   "width": bench.model.pos_embed.shape[-1], "rows_per_call": bench.rows},
-        "magcache_calibration": {"seeds": [calib, calib + args.calibration_seeds - 1], "mag_ratios": mag_ratios},
+        "calibration": {"seeds": [calib, calib + args.calibration_seeds - 1], "diffusers_magcache_ratios": mag_ratios,
+                        "stepcache": calibration},
         "traps": traps, "skipped": skipped, "runs": runs, "claims": claims,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

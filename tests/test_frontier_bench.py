@@ -38,12 +38,15 @@ def test_end_to_end_quick(tmp_path, monkeypatch):
     fora = runs["stepcache fora(interval=2)"]
     assert fora["block_fraction"] == pytest.approx(2 / 3)  # steps 2 and 0 full, step 1 reused
     assert fora["hook_block_fraction"] == pytest.approx(fora["block_fraction"])
+    ours_ts = runs["stepcache taylorseer(interval=2, order=1, warmup=1)"]  # the engine's count = the hooks' count
+    assert ours_ts["hook_block_fraction"] == pytest.approx(ours_ts["block_fraction"]) and ours_ts["block_fraction"] < 1
+    assert ours_ts["policy_fraction"] > 0  # the forecast arithmetic is counted, apart from the block work
     ts = runs["diffusers TaylorSeer(interval=2, order=1, warmup=1)"]
     assert ts["extra"]["reduced_calls"] == [1]  # diffusers' phase: full iff s < 1 or (s - 2) % 2 == 0
     assert ts["block_fraction"] == pytest.approx(2 / 3)
     db = runs["cache-dit DBCache(F=1, B=0, threshold=0.5, warmup=1)"]["extra"]
     assert db["cached_steps_match_reduced_calls"]  # cache-dit decides once per call = once per sampler step
-    assert len(record["magcache_calibration"]["mag_ratios"]) == 3
+    assert len(record["calibration"]["diffusers_magcache_ratios"]) == 3
     assert out.with_suffix(".png").stat().st_size > 0
     assert "stepcache fora(interval=2)" in out.with_suffix(".md").read_text()
     assert bench_frontier.main(["--check", "--out", str(out)]) in (0, 1)
