@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from frontier_peers import (BlockMeter, DiffusersDenoiser, calibrate_mag_ratios, install_peer,  # noqa: E402
                             uncached_block_macs)
+from frontier_report import evaluate_claims, markdown, plot, print_claims  # noqa: E402
 
 # ------------------------------------------------------------------------------ the settings (data)
 # method -> settings; a method the registry does not know (yet) is skipped and listed as such.
@@ -75,8 +76,6 @@ PEER_SETTINGS = {
 }
 QUICK_STEPCACHE = {"fora": [{"interval": 2}], "taylorseer": [{"interval": 2, "order": 1, "warmup": 1}]}
 QUICK_PEERS = {"diffusers-fbcache": [{"threshold": 0.1}], "cache-dit-dbcache": [{"threshold": 0.1, "warmup": 1}]}
-# stepcache methods that some peer also offers; the others are "own-only" for the issue's second claim
-PEER_EQUIVALENTS = {"taylorseer", "fbcache", "magcache", "teacache", "dbcache", "pab", "fastercache"}
 
 
 def stepcache_policy(method: str, params: dict, num_steps: int):
@@ -103,8 +102,6 @@ def stepcache_calibration(model, run: Callable[[], object]) -> dict:
         from stepcache.policies.calibrate import calibrate
     except ImportError:
         return {}
-    from stepcache.errors import ConfigError
-
     try:
         out = calibrate(model, run)
     except ConfigError as exc:  # e.g. too few steps for TeaCache's fit: those methods are then skipped
@@ -192,7 +189,8 @@ class Bench:
         self.block_uncached = uncached_block_macs(self.model, args.steps, self.rows)
         from stepcache.adapters.dit import dit_macs
 
-        self.fixed = float(dit_macs(self.model)["fixed"]) * self.rows * args.steps
+        macs = dit_macs(self.model)  # fixed work per call, each block's adaLN counted as always run (peers' ideal)
+        self.fixed = float(macs["fixed"] + len(self.model.blocks) * macs["block"]) * self.rows * args.steps
         self.meter = BlockMeter(self.model, self.model)  # cross-check of stepcache's own MAC count
 
     def sample(self, model_fn, policy=None, noise=None, labels=None):
@@ -343,127 +341,6 @@ def speedups(entries: list[Entry]) -> None:
         e.result["speedup"] = statistics.median([a / b for a, b in zip(ref.times, e.times)])
         e.result["cpu_speedup"] = statistics.median([a / b for a, b in zip(ref.cpu_times, e.cpu_times)])
         e.result["measured_over_ideal"] = e.result["speedup"] / e.result["ideal_speedup"]
-
-
-# ------------------------------------------------------------------------------ the issue's claims
-BUDGETS = [round(0.25 + 0.05 * k, 2) for k in range(8)]  # 0.25 .. 0.60
-
-
-def _best(runs: list[dict], keep) -> dict | None:
-    pts = [r for r in runs if "psnr" in r and keep(r)]
-    return max(pts, key=lambda r: r["psnr"]) if pts else None
-
-
-def evaluate_claims(runs: list[dict]) -> list[dict]:
-    """The claims of issue 11 on these runs; each {claim, passed, detail}. A peer is any non-stepcache run."""
-    cached = [r for r in runs if r["method"] != "none"]
-    ours = [r for r in cached if r["side"] == "stepcache"]
-    peers = [r for r in cached if r["side"] != "stepcache"]
-    out = []
-    worst = []
-    for b in BUDGETS:  # best PSNR within each compute budget
-        o = _best(ours, lambda r: r["block_fraction"] <= b + 1e-9)
-        p = _best(peers, lambda r: r["block_fraction"] <= b + 1e-9)
-        ok = p is None or (o is not None and o["psnr"] >= p["psnr"])
-        worst.append((ok, b, o, p))
-    fails = [f"{b:.2f}: ours {o['psnr'] if o else float('nan'):.1f} dB ({o['label'] if o else 'none'}) < "
-             f"{p['psnr']:.1f} dB ({p['label']})" for ok, b, o, p in worst if not ok]
-    out.append({"claim": "at every compute budget 0.25..0.60 stepcache's best PSNR >= the best peer's",
-                "passed": not fails, "detail": "; ".join(fails) or "every budget"})
-    own = _best([r for r in ours if r["method"] not in PEER_EQUIVALENTS], lambda r: 0.3 <= r["block_fraction"] <= 0.4)
-    peer = _best(peers, lambda r: r["block_fraction"] <= 0.4)
-    margin = (own["psnr"] - peer["psnr"]) if own and peer else None
-    out.append({"claim": "an own-only stepcache policy beats the best peer (compute <= 0.4) by >= 2 dB at 0.3-0.4",
-                "passed": margin is not None and margin >= 2.0,
-                "detail": (f"{own['label']} {own['psnr']:.1f} dB vs {peer['label']} {peer['psnr']:.1f} dB: "
-                           f"{margin:+.1f} dB") if margin is not None else "no own-only run or no peer in range"})
-    fast = _best(ours, lambda r: r.get("speedup", 0) >= 2.5)
-    out.append({"claim": "some stepcache policy reaches >= 44 dB PSNR at >= 2.5x measured speedup",
-                "passed": fast is not None and fast["psnr"] >= 44.0,
-                "detail": (f"best at >= 2.5x: {fast['label']} {fast['psnr']:.1f} dB at {fast['speedup']:.2f}x"
-                           if fast else "no stepcache policy reaches 2.5x")})
-    return out
-
-
-def print_claims(claims: list[dict]) -> bool:
-    for c in claims:
-        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['claim']}\n      {c['detail']}")
-    print("n/a   measured/ideal >= 0.90 on DiT-S/2 geometry: not measured by this benchmark (embedded model)")
-    return all(c["passed"] for c in claims)
-
-
-# ------------------------------------------------------------------------------ outputs
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
-def markdown(runs: list[dict]) -> str:
-    head = ("| side | policy | block compute | ideal speedup | measured speedup (wall) | (CPU time) | PSNR dB | SSIM "
-            "| class acc | FD |")
-    lines = [head, "|" + "---|" * 10]
-    for r in sorted(runs, key=lambda r: (r["side"] != "stepcache", r.get("block_fraction", 9))):
-        if "error" in r:
-            lines.append(f"| {r['side']} | {r['label']} | failed: {r['error']} ||||||||")
-            continue
-        lines.append(f"| {r['side']} | {r['label']} | {r['block_fraction']:.3f} | {r['ideal_speedup']:.2f}x | "
-                     f"{r['speedup']:.2f}x | {r['cpu_speedup']:.2f}x | {_fmt(r['psnr'], '.1f')} | {r['ssim']:.4f} | "
-                     f"{_fmt(r['class_accuracy'], '.3f')} | {r['frechet_distance']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-ABBREVIATIONS = (("interval=", "N="), ("order=", "O="), ("threshold=", "t="), ("fresh_ratio=", "R="),
-                 ("modules=", ""), ("FirstBlockCache", "FBCache"), (", B=0", ""), ("F=1", "F1"),
-                 ("front=1, back=0", "F1"), ("forecast=taylorseer", "+TaylorSeer"), ("sites=", ""))
-
-
-def short_label(label: str) -> str:
-    """The plot's point label: the method without its side, settings abbreviated."""
-    text = label.split(" ", 1)[1]
-    for long, short in ABBREVIATIONS:
-        text = text.replace(long, short)
-    return text
-
-
-STYLE = {"stepcache": ("tab:blue", "o"), "diffusers": ("tab:orange", "s"), "cache-dit": ("tab:green", "^")}
-
-
-def plot(runs: list[dict], path: Path, title: str) -> None:
-    """Block compute vs PSNR, one marker per side, every point labelled, each side's Pareto front drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = [r for r in runs if "psnr" in r and r["method"] != "none"]
-    fig, ax = plt.subplots(figsize=(11, 7.5), dpi=110)
-    placed = []  # labelled points so far; a label next to one of them moves down a line
-    for side, (color, marker) in STYLE.items():
-        rs = sorted((r for r in pts if r["side"] == side), key=lambda r: r["block_fraction"])
-        if not rs:
-            continue
-        ax.scatter([r["block_fraction"] for r in rs], [r["psnr"] for r in rs], c=color, marker=marker, s=36,
-                   label=side, zorder=3)
-        front, best = [], -1.0
-        for r in rs:  # best PSNR at or below each compute level
-            if r["psnr"] > best:
-                front.append(r)
-                best = r["psnr"]
-        ax.step([r["block_fraction"] for r in front], [r["psnr"] for r in front], where="post", c=color, alpha=0.4)
-        for r in rs:
-            text = short_label(r["label"]) + f" {r['speedup']:.1f}x"
-            near = sum(-0.03 < x - r["block_fraction"] < 0.12 and abs(r["psnr"] - y) < 0.5 for x, y in placed)
-            placed.append((r["block_fraction"], r["psnr"]))
-            ax.annotate(text, (r["block_fraction"], r["psnr"]), fontsize=6, color=color, xytext=(3, 2 - 8 * near),
-                        textcoords="offset points")
-    ax.axvspan(0.25, 0.6, color="grey", alpha=0.06)
-    ax.set_xlabel("block compute executed (fraction of uncached MACs)")
-    ax.set_ylabel("PSNR vs uncached (dB)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _version(dist: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The peers of ``bench_frontier.py``: diffusers' cache hooks and cache-dit on the converted DiT, driven by DiT's sampler.
+"""The peers of ``bench_frontier.py``: diffusers' cache hooks and cache-dit on the converted DiT, under DiT's sampler.
 
 Every peer runs on a fresh ``copy.deepcopy`` of the converted ``DiTTransformer2DModel`` (so no hook outlives its
 run) wrapped by :class:`DiffusersDenoiser`, a ``model(x, t, y) -> eps`` callable that ``stepcache.sample`` drives

@@ -13,6 +13,7 @@ pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_frontier  # noqa: E402
+import frontier_report  # noqa: E402
 from frontier_peers import BlockMeter, DiffusersDenoiser, uncached_block_macs  # noqa: E402
 
 
@@ -81,9 +82,9 @@ def test_claims_logic():
 
     runs = [run("stepcache", "fora", 0.36, 40.0, 2.7), run("stepcache", "newrouter", 0.35, 47.0, 2.6),
             run("diffusers", "diffusers-taylorseer", 0.38, 44.8, 2.1)]
-    claims = bench_frontier.evaluate_claims(runs)
+    claims = frontier_report.evaluate_claims(runs)
     assert [c["passed"] for c in claims] == [True, True, True]
     runs[1]["psnr"] = 46.0  # only 1.2 dB above the best peer; 2.6x at 46 dB still meets the third claim
-    assert [c["passed"] for c in bench_frontier.evaluate_claims(runs)] == [True, False, True]
+    assert [c["passed"] for c in frontier_report.evaluate_claims(runs)] == [True, False, True]
     runs.append(run("cache-dit", "cache-dit-dbcache", 0.30, 50.0))
-    assert [c["passed"] for c in bench_frontier.evaluate_claims(runs)] == [False, False, True]
+    assert [c["passed"] for c in frontier_report.evaluate_claims(runs)] == [False, False, True]
