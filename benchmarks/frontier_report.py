@@ -108,8 +108,9 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
         rs = sorted((r for r in pts if r["side"] == side), key=lambda r: r["block_fraction"])
         if not rs:
             continue
-        ax.scatter([r["block_fraction"] for r in rs], [r["psnr"] for r in rs], c=color, marker=marker, s=36,
-                   label=side, zorder=3)
+        hollow = side != "stepcache"  # peers hollow and larger: a peer equal to a stepcache policy stays visible
+        ax.scatter([r["block_fraction"] for r in rs], [r["psnr"] for r in rs], marker=marker, s=70 if hollow else 30,
+                   facecolors="none" if hollow else color, edgecolors=color, linewidths=1.4, label=side, zorder=3)
         front, best = [], -1.0
         for r in rs:  # best PSNR at or below each compute level
             if r["psnr"] > best:
