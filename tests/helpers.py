@@ -20,3 +20,27 @@ def tiny_dit(depth: int = 4, hidden: int = 64, heads: int = 4, input_size: int =
     model = DiT(input_size=input_size, patch_size=patch, in_channels=4, hidden_size=hidden, depth=depth,
                 num_heads=heads, num_classes=num_classes, **kw)
     return randomize(model, seed).eval()
+
+
+def tiny_uvit(depth: int = 4, embed_dim: int = 32, heads: int = 2, img_size: int = 8, patch: int = 2,
+              num_classes: int = 11, seed: int = 0, **kw):
+    """A random U-ViT whose branches matter: fan-in-scaled weights, LayerNorm gains 1 +- 0.1, position and
+    label tables of std 0.5 (the paper's init leaves the branches tiny next to the residual stream)."""
+    from stepcache import UViT
+
+    torch.manual_seed(seed)
+    model = UViT(img_size=img_size, patch_size=patch, in_chans=4, embed_dim=embed_dim, depth=depth, num_heads=heads,
+                 num_classes=num_classes, conv=kw.pop("conv", False), **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name in ("pos_embed", "label_emb.weight"):
+                p.copy_(0.5 * noise)
+            elif p.dim() >= 2:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+    return model.eval()

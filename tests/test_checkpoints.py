@@ -156,6 +156,10 @@ def test_fetch_is_atomic(model, tmp_path):
     dest = tmp_path / "cache" / "copy.pt"
     ck.fetch(src.as_uri(), dest, verify=ck.read_state_dict)
     assert dest.read_bytes() == src.read_bytes()
+    from stepcache.io import current_umask
+
+    for path in (src, dest):                           # issue 13 item 7: the umask's mode, not mkstemp's 0600
+        assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
 
     def reject(path):
         raise CheckpointError("bad file")
@@ -188,3 +192,46 @@ def test_downloaded_official_file_is_verified(model, tmp_path):
     with pytest.raises(CheckpointError, match="failed verification"):
         ck.verify_official(path, "DiT-XL-2-256x256.pt")
 
+
+
+# ------------------------------------------------------------------ issue 13 item 4: stored configs and embedded files
+@pytest.mark.parametrize("meta,needle", [("[1, 2]", "not a JSON object"), ('{"colour": 1}', "unknown DiT argument"),
+                                         ('{"num_heads": 2, "depth": "deep"}', "cannot build"),
+                                         ('{"depth": ', "not a readable")])
+def test_stored_dit_config_must_be_an_object_of_dit_arguments(tmp_path, model, meta, needle):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={ck.CONFIG_KEY: meta})
+    with pytest.raises(CheckpointError, match=needle):
+        ck.load_dit(path)
+
+
+@pytest.mark.parametrize("weights,config,needle", [
+    ("truncated", '{"model": {}}', "not a readable .safetensors"),
+    ("garbage", '{"model": {}}', "not a readable .safetensors"),
+    ("good", "{not json", "not a readable JSON"),
+    ("good", "[1]", "no \"model\" object"),
+    ("good", '{"model": {"colour": 1}}', "unknown DiT argument"),
+    ("good", '{"model": {"hidden_size": 30, "num_heads": 4}}', "buildable DiT"),
+])
+def test_embedded_loader_refuses_corrupt_files_in_one_sentence(tmp_path, weights, config, needle):
+    import json
+
+    from safetensors.torch import save_file
+
+    from stepcache.models.embedded import load_embedded
+
+    kw = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in DiT(**kw).state_dict().items()}, str(path))
+    if weights == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    elif weights == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    if config == '{"model": {}}':
+        config = json.dumps({"model": kw})
+    path.with_suffix(".json").write_text(config)
+    with pytest.raises(CheckpointError, match=needle):
+        load_embedded(path=path)

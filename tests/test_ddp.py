@@ -102,6 +102,8 @@ def test_killed_then_resumed_gives_identical_npz(ckpt, reference, tmp_path):
     assert 0 < written < 12 and not (tmp_path / "samples.npz").exists()
     (pngs / "000011.png").unlink(missing_ok=True)
     (pngs / ".000005.png.stale.tmp").write_bytes(b"half a png")               # leftovers of a killed write
+    first = sorted(pngs.glob("*.png"))[0]
+    first.write_bytes(first.read_bytes()[:40])                                 # a torn PNG: checked on both ranks
     proc = _torchrun(args)
     log = _finish(proc)
     assert proc.returncode == 0, log
@@ -135,3 +137,17 @@ def test_each_image_depends_only_on_its_seed(ckpt):
     torch.testing.assert_close(x01[1], x12[0], atol=1e-5, rtol=0)            # same seed, other batch mate
     assert not torch.allclose(x01[0], x01[1])
     assert ddp.image_seed(3, 1) != ddp.image_seed(3, 2) != ddp.image_seed(4, 1)
+
+
+def test_a_refusal_under_torchrun_is_one_sentence_on_every_rank(ckpt, tmp_path):
+    """Rank 0 decides and broadcasts the refusal: no rank is left to die on a closed connection."""
+    (tmp_path / "samples").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "samples" / "000000.png")         # PNGs from elsewhere, no record
+    proc = _torchrun(_args(ckpt, tmp_path))
+    log = _finish(proc)
+    assert proc.returncode != 0
+    errors = [line for line in log.splitlines() if line.startswith("stepcache: error:")]
+    assert len(errors) == 2 and all("no sample_ddp.json" in e for e in errors), log
+    assert "Connection" not in log and "closed" not in log, log

@@ -247,3 +247,15 @@ def test_mag_ratios_follow_the_definition():
     want = (torch.linalg.norm(res[1], dim=-1) / (torch.linalg.norm(res[0], dim=-1) + 1e-8)).mean().item()
     assert got[0] == 1.0 and got[1] == want and len(got) == 3
     assert mean_ratios([[1.0, 2.0], [1.0, 4.0]]) == [1.0, 3.0]
+
+
+def test_every_new_config_round_trips_through_the_registry():
+    import json
+
+    from stepcache.core.policy import PolicyConfig
+    configs = [TaylorSeer(interval=5, order=1, warmup=3, sites="attention"), FBCache(0.1),
+               MagCache(0.1, mag_ratios="flux"), TeaCache(0.3, coefficients="flux"),
+               DBCache(front=2, back=1, threshold=0.1, forecast=TaylorSeer(order=1, factors_dtype="bfloat16"))]
+    for cfg in configs:
+        again = PolicyConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert again == cfg and type(again) is type(cfg)

@@ -174,7 +174,7 @@ def test_a_real_sigkill_then_resume(ckpt, tmp_path):
     (["--steps", "4"], "--steps"),
     (["--per-proc-batch-size", "3"], "--per-proc-batch-size"),
     (["--interval", "3"], "caching options"),
-    (["--cache", "none"], "caching options"),
+    (["--cache", "toca"], "caching options"),
     (["--sampler", "ddim"], "--sampler"),
     (["--guide-all-channels"], "--guide-all-channels"),
 ])

@@ -14,7 +14,7 @@ from stepcache.models.dit import modulate
 from stepcache.policies.dbcache import DualBlockState
 from stepcache.policies.fbcache import FirstBlockState
 from stepcache.policies.magcache import skipped_steps
-from stepcache.policies.taylorseer import TaylorSeries, full_steps, takes_differences
+from stepcache.policies.taylorseer import TaylorSeries, full_steps
 from stepcache.policies.teacache import TeaState
 from helpers import tiny_dit
 

@@ -1,6 +1,8 @@
 """Parity with the peers' own code on tiny offline pipelines (random weights, no downloads): stepcache's
 policies take the same steps as diffusers' hooks (and cache-dit) and give the same latents."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -132,3 +134,182 @@ def test_dbcache_takes_cache_dits_decisions(family, front, back, threshold, warm
     assert _last_block_skips(stats, front) == their_cached
     assert _last_block_skips(stats, 0) == []
     assert torch.equal(ours, theirs)
+
+
+def _reference_modulated_input(block, args, kwargs):
+    """TeaCache's indicator written as its reference code does for each block type (block 0's norm1)."""
+    kwargs = inspect.signature(type(block).forward).bind(block, *args, **kwargs).arguments
+    h = kwargs["hidden_states"]
+    name = type(block).__name__
+    if name in ("FluxTransformerBlock", "JointTransformerBlock"):
+        return block.norm1(h.clone(), emb=kwargs["temb"].clone())[0]
+    if block.norm_type == "ada_norm_zero":  # diffusers DiT
+        return block.norm1(h, kwargs["timestep"], kwargs["class_labels"], hidden_dtype=h.dtype)[0]
+    t = kwargs["timestep"]  # PixArt: ada_norm_single
+    shift, scale = (block.scale_shift_table[None] + t.reshape(h.shape[0], 6, -1)).chunk(6, dim=1)[:2]
+    return (torch.nn.functional.layer_norm(h, block.norm1.normalized_shape, eps=block.norm1.eps) * (1 + scale)
+            + shift).squeeze(1)
+
+
+@pytest.mark.parametrize("family,threshold", [("flux", 0.3), ("sd3", 0.3), ("pixart", 0.3), ("dit", 0.3)])
+def test_teacache_on_diffusers_families_follows_the_modulated_input(family, threshold):
+    from stepcache import TeaCache
+    from stepcache.policies.teacache import TeaState
+
+    build, run, _ = FAMILIES[family]
+    identity = (0.0, 0.0, 0.0, 1.0, 0.0)  # poly(rel) = rel: the decisions follow the raw indicator
+    base = run(build(), steps=STEPS)
+    pipe = build()
+    inputs = []
+    block0 = pipe.transformer.transformer_blocks[0]
+    hook = block0.register_forward_pre_hook(
+        lambda mod, args, kwargs: inputs.append(_reference_modulated_input(mod, args, kwargs)), with_kwargs=True)
+    with stepcache.apply(pipe, TeaCache(threshold, coefficients=identity)) as handle:
+        ours = run(pipe, steps=STEPS)
+        stats = handle.stats()
+    hook.remove()
+    state, want = TeaState(), []
+    for s, m in enumerate(inputs):
+        if state.step(s, STEPS, m, identity, threshold):
+            want.append(s)
+    assert len(inputs) == STEPS and want and 0 not in want and STEPS - 1 not in want
+    assert _last_block_skips(stats, 0) == want
+    assert stats.macs_policy > 0
+    assert not torch.equal(ours, base)
+    noop = TeaCache(1e-12, coefficients=identity)
+    assert torch.equal(_our_run(build, run, noop)[0], base)  # never skipping is exactly uncached
+
+
+@pytest.mark.parametrize("policy_name", ["fbcache", "magcache", "taylorseer"])
+def test_true_cfg_calls_keep_their_own_state_like_diffusers_contexts(policy_name):
+    """FLUX with true CFG calls the transformer twice per step ("cond", then "uncond" contexts in
+    diffusers); stepcache keeps one state per call of the step: the same latents, bit for bit."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    build, run, _ = FAMILIES["flux"]
+    cfg_run = lambda pipe, steps: run(pipe, steps=steps, cfg=2.0)  # noqa: E731
+    peer, ours_cfg = {
+        "fbcache": (FirstBlockCacheConfig(threshold=0.05), FBCache(0.05)),
+        "magcache": (MagCacheConfig(threshold=0.06, num_inference_steps=STEPS, mag_ratios=MAG_RATIOS),
+                     MagCache(threshold=0.06, mag_ratios=MAG_RATIOS)),
+        "taylorseer": (TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2,
+                                             taylor_factors_dtype=torch.float32),
+                       TaylorSeer(interval=3, order=1, warmup=2, sites="attention")),
+    }[policy_name]
+    base = cfg_run(build(), STEPS)
+    theirs, _ = _peer_run(build, cfg_run, peer, False)
+    ours, stats = _our_run(build, cfg_run, ours_cfg)
+    assert stats.nfe == 2 * STEPS
+    assert (theirs - base).abs().max() > 1e-5
+    assert torch.equal(ours, theirs)
+
+
+NOOP_AND_ACTIVE = {
+    "taylorseer": (TaylorSeer(interval=1, order=1, warmup=1), TaylorSeer(interval=3, order=2, warmup=2)),
+    "fbcache": (FBCache(1e-12), FBCache(0.5)),
+    "magcache": (MagCache(retention_ratio=1.0, mag_ratios=MAG_RATIOS), MagCache(0.2, mag_ratios=MAG_RATIOS)),
+    "teacache": (stepcache.TeaCache(1e-12, coefficients=(0, 0, 0, 1, 0)),
+                 stepcache.TeaCache(0.5, coefficients=(0, 0, 0, 1, 0))),
+    "dbcache": (stepcache.DBCache(front=1, threshold=1e-12, warmup=0), stepcache.DBCache(front=1, threshold=0.5,
+                                                                                       warmup=2)),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", list(NOOP_AND_ACTIVE))
+def test_every_method_on_every_family_noop_exact_active_saves_work(family, method):
+    build, run, _ = FAMILIES[family]
+    noop, active = NOOP_AND_ACTIVE[method]
+    base = run(build(), steps=STEPS)
+    same, noop_stats = _our_run(build, run, noop)
+    assert torch.equal(same, base)
+    assert noop_stats.macs_executed >= noop_stats.macs_uncached  # nothing saved, the policy's own work counted
+    changed, stats = _our_run(build, run, active)
+    assert not torch.equal(changed, base)
+    assert stats.macs_executed < stats.macs_uncached and stats.peak_cache_bytes > 0
+
+
+def _build_flux_bf16():
+    pipe = FAMILIES["flux"][0]()
+    pipe.transformer.to(torch.bfloat16)
+    return pipe
+
+
+def _run_flux_bf16(pipe, steps):
+    from test_diffusers import _embeds, _latents
+
+    pe, _ = _embeds((0,), 6, 32, 0)
+    pp = torch.randn(1, 32, generator=torch.Generator().manual_seed(7))
+    return pipe(prompt=None, prompt_embeds=pe.bfloat16(), pooled_prompt_embeds=pp.bfloat16(), height=64, width=64,
+                latents=_latents((0,), (16, 16)).bfloat16(), num_inference_steps=steps, output_type="latent").images
+
+
+@pytest.mark.parametrize("method", ["taylorseer-f32", "taylorseer-bf16", "fbcache", "magcache"])
+def test_bfloat16_flux_equals_diffusers_hooks(method):
+    """In bf16 the indicators are bf16-rounded and the Taylor factors kept in ``factors_dtype``, as the peers do."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    peer, ours_cfg = {
+        "taylorseer-f32": (TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2, max_order=2,
+                                                 taylor_factors_dtype=torch.float32),
+                           TaylorSeer(interval=3, order=2, warmup=2, sites="attention")),
+        "taylorseer-bf16": (TaylorSeerCacheConfig(cache_interval=3, disable_cache_before_step=2),  # its default
+                            TaylorSeer(interval=3, order=1, warmup=2, sites="attention", factors_dtype="bfloat16")),
+        "fbcache": (FirstBlockCacheConfig(threshold=0.05), FBCache(0.05)),
+        "magcache": (MagCacheConfig(threshold=0.06, num_inference_steps=STEPS, mag_ratios=MAG_RATIOS),
+                     MagCache(0.06, mag_ratios=MAG_RATIOS)),
+    }[method]
+    base = _run_flux_bf16(_build_flux_bf16(), STEPS)
+    theirs, _ = _peer_run(_build_flux_bf16, _run_flux_bf16, peer, False)
+    ours, stats = _our_run(_build_flux_bf16, _run_flux_bf16, ours_cfg)
+    assert ours.dtype == torch.bfloat16 and not torch.equal(theirs, base)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family,threshold,warmup", [("flux", 0.1, 2), ("flux", 0.1, 4), ("dit", 0.05, 2),
+                                                     ("pixart", 0.05, 3)])
+def test_dbcache_taylorseer_equals_cache_dit_calibrator(family, threshold, warmup):
+    """cache-dit's TaylorSeer calibrator takes its first difference at step 3: TaylorSeer(order=1, warmup=4)."""
+    cache_dit = pytest.importorskip("cache_dit")
+    from cache_dit.caching.cache_contexts.calibrators import TaylorSeerCalibratorConfig
+
+    build, run, _ = FAMILIES[family]
+    pipe = build()
+    cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=warmup),
+        calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=1))
+    try:
+        theirs = run(pipe, steps=STEPS)
+        their_cached = cache_dit.summary(pipe)[0].cached_steps
+    finally:
+        cache_dit.disable_cache(pipe)
+    policy = stepcache.DBCache(front=1, threshold=threshold, warmup=warmup, forecast=TaylorSeer(order=1, warmup=4))
+    ours, stats = _our_run(build, run, policy)
+    forecast = sorted(STEPS - 1 - i for i in stats.steps() if stats.kinds[i].get("1.attn") == "forecast")
+    assert their_cached and forecast == their_cached
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family,norm", [("dit", "norm3"), ("pixart", "norm2"), ("sd3", "norm2")])
+def test_norms_feeding_a_forecast_branch_are_skipped_without_changing_the_output(family, norm, monkeypatch):
+    from stepcache.adapters.diffusers.common import DiffusersAdapter
+
+    build, run, _ = FAMILIES[family]
+    policy = TaylorSeer(interval=3, order=2, warmup=2)
+    widths = []
+
+    def traced_run():
+        pipe = build()
+        hook = getattr(pipe.transformer.transformer_blocks[0], norm).register_forward_hook(
+            lambda _m, _i, out: widths.append(out.shape[1]))
+        with stepcache.apply(pipe, policy):
+            out = run(pipe, steps=STEPS)
+        hook.remove()
+        return out
+
+    fast = traced_run()
+    skipped, widths[:] = list(widths), []
+    monkeypatch.setattr(DiffusersAdapter, "skip_unused_norms", False)
+    slow = traced_run()
+    assert torch.equal(fast, slow)
+    assert 1 in skipped and 1 not in widths  # forecast steps normalised one token instead of all

@@ -180,3 +180,11 @@ def test_config_round_trips_through_dict():
     d = cfg.to_dict()
     assert d["method"] == "taylorseer"
     assert TaylorSeer(**{k: v for k, v in d.items() if k != "method"}) == cfg
+
+
+def test_a_second_solver_stage_of_a_full_step_keeps_the_first_value():
+    series = TaylorSeries(1, differences_from=0)
+    series.update(torch.zeros(3), 0)
+    series.update(torch.ones(3), 1)
+    series.update(torch.full((3,), 9.0), 1)  # stage 1 of step 1: no division by a zero distance
+    assert torch.equal(series.factors[0], torch.ones(3)) and torch.equal(series.factors[1], torch.ones(3))

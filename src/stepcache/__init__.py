@@ -9,9 +9,11 @@ from stepcache.errors import (CheckpointError, ClockError, ConfigError, ModelMis
                               UnsupportedModelError)
 from stepcache.models.dit import DiT
 import stepcache.policies  # noqa: F401  (registers the built-in methods)
+from stepcache.models.uvit import UViT
 from stepcache.policies.dbcache import DBCache
 from stepcache.policies.fbcache import FBCache
 from stepcache.policies.fora import FORA
+from stepcache.policies.forecast import Forecast
 from stepcache.policies.l2c import L2C
 from stepcache.policies.magcache import MagCache
 from stepcache.policies.taylorseer import TaylorSeer
@@ -22,7 +24,8 @@ from stepcache.sampling.sample import sample
 from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
-    "DiT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
-    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "known_methods", "StepcacheError", "ConfigError",
+    "DiT", "UViT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
+    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "Forecast",
+    "known_methods", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]

@@ -31,9 +31,9 @@ def cpu_model() -> str:
 
 def environment() -> dict:
     """Where a number was measured: versions, threads, CPU / GPU model."""
-    import stepcache
+    from stepcache._version import __version__
 
-    env = {"stepcache": stepcache.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    env = {"stepcache": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():

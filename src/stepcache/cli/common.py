@@ -11,11 +11,10 @@ import torch
 
 from stepcache.bench.records import environment  # noqa: F401 - one description of the machine for every record
 from stepcache.errors import CheckpointError, ConfigError
-from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401 - used by subcommands
-from stepcache.policies.toca import SCHEDULES
-from stepcache.policies.toca_scores import SCORES
+# the file utilities live in stepcache.io; the subcommands (and older callers) import them from here too
+from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401
+from stepcache.cli.policy_flags import add_cache_options, build_policy, chosen_settings  # noqa: F401 - re-exported
 
-METHODS = ("none", "fora", "toca", "l2c")
 
 
 # ---------------------------------------------------------------- argument types
@@ -64,70 +63,20 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, steps: int, sampler
 
 
 def check_guidance_and_interval(args) -> None:
-    """One sentence for a guidance scale that is not a finite number >= 1 or a cache interval below 1."""
+    """One sentence for a guidance scale that is not a finite number >= 1, or for bad caching settings."""
     if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
-    if args.cache in ("fora", "toca") and args.interval < 1:
-        raise ConfigError(f"--interval must be >= 1, got {args.interval}.")
-
-
-def add_cache_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("caching")
-    g.add_argument("--cache", choices=METHODS, default="none", help="caching method (default: %(default)s)")
-    g.add_argument("--interval", type=int, default=3,
-                   help="FORA/ToCa refresh interval N; FORA's --cache-threshold (default: %(default)s)")
-    g.add_argument("--fresh-ratio", type=finite_float, default=0.07,
-                   help="ToCa share of tokens recomputed on partial steps (default: %(default)s)")
-    g.add_argument("--schedule", default="ToCa-ddim50", choices=SCHEDULES,
-                   help="ToCa ratio schedule (default: %(default)s; ToCa-ddpm250 for DDPM-250)")
-    g.add_argument("--score", default="attention", choices=SCORES,
-                   help="ToCa token score; kv-norm keeps fused attention (default: %(default)s)")
-    g.add_argument("--bonus", type=finite_float, default=0.6,
-                   help="ToCa weight of the spatial-spread bonus, 0 = off (default: %(default)s)")
-    g.add_argument("--bonus-grid", type=int, default=2,
-                   help="ToCa size of the bonus cells, in tokens (default: %(default)s)")
-    g.add_argument("--staleness-weight", type=finite_float, default=0.25,
-                   help="ToCa weight of the cache-staleness score (default: %(default)s)")
-    g.add_argument("--decision", default="reference", choices=("reference", "per-step"),
-                   help="ToCa: reference quirk (interval re-decided at layer 0) or once per step "
-                        "(default: %(default)s)")
-    g.add_argument("--router", default=None, help="L2C router file (reference .pt or stepcache .safetensors)")
-    g.add_argument("--threshold", type=finite_float, default=0.1, help="L2C router threshold (default: %(default)s)")
-
-
-def build_policy(args, model=None):
-    """Policy config from the caching options; bad settings raise ConfigError.
-
-    Given the ``model``, an L2C router is also checked against it, the step count and the sampler.
-    """
-    import stepcache
-
-    if args.cache == "none":
-        return None
-    if args.cache == "fora":
-        return stepcache.FORA(interval=args.interval)
-    if args.cache == "toca":
-        return stepcache.ToCa(interval=args.interval, fresh_ratio=args.fresh_ratio, schedule=args.schedule,
-                              score=args.score, staleness_weight=args.staleness_weight, bonus=args.bonus,
-                              bonus_grid=args.bonus_grid, decision=args.decision)
-    if args.router is None:
-        shipped = Path(__file__).resolve().parents[1] / "assets" / (
-            f"embedded_router_{args.sampler}{args.num_sampling_steps}.safetensors")
-        if getattr(args, "model", None) != "embedded" or not shipped.is_file():
-            raise ConfigError("--cache l2c needs --router FILE (a router is shipped only for the embedded model "
-                              "with DDIM-50).")
-        args.router = str(shipped)
-    if model is None:
-        return stepcache.L2C.from_checkpoint(args.router, threshold=args.threshold)
-    return stepcache.L2C.from_checkpoint(args.router, threshold=args.threshold, model=model,
-                                         num_steps=args.num_sampling_steps, sampler=args.sampler)
+    chosen_settings(args)
 
 
 # ---------------------------------------------------------------- models
 def load_model(args):
     """(model, is_latent). ``--model embedded`` (pixel space), a preset with --ckpt/--random-weights, or official."""
+    from stepcache.cli import uvit
     from stepcache.models.dit import DiT, parse_preset
 
+    if uvit.is_uvit(args.model):
+        return uvit.load(args)
     if args.model == "embedded":
         if args.ckpt:
             raise ConfigError("--ckpt cannot be combined with --model embedded.")

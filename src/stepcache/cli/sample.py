@@ -23,13 +23,14 @@ DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample class-conditional images, optionally cached",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="DiT-XL/2", help="DiT preset (DiT-XL/2, DiT-S/4, ...) or 'embedded' "
-                   "(default: %(default)s)")
+    p.add_argument("--model", default="DiT-XL/2", help="DiT preset (DiT-XL/2, DiT-S/4, ...), U-ViT preset "
+                   "(U-ViT-H/2, ...; with --ckpt) or 'embedded' (default: %(default)s)")
     p.add_argument("--ckpt", default=None, help="checkpoint file (.pt or .safetensors); default: the official one")
     p.add_argument("--random-weights", action="store_true", help="random weights (timing only, no checkpoint)")
     p.add_argument("--image-size", type=int, choices=(256, 512), default=256, help="(default: %(default)s)")
     p.add_argument("--vae", choices=("ema", "mse"), default="ema", help="SD VAE variant (default: %(default)s)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="(default: %(default)s)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++2s"), default="ddpm",
+                   help="dpm-solver++2s: 2 model calls per step (default: %(default)s)")
     p.add_argument("--num-sampling-steps", type=positive_int, default=250, help="(default: %(default)s)")
     p.add_argument("--cfg-scale", type=finite_float, default=4.0, help="guidance scale, 1 = off (default: %(default)s)")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels, not DiT's first 3")
@@ -91,7 +92,7 @@ def run(args) -> int:
         record["result"]["latent_psnr_db"] = float("inf") if mse == 0 else 10 * torch.log10(
             torch.tensor(4.0 / mse)).item()
 
-    stem = f"{args.model.replace('/', '-')}-{args.sampler}{args.num_sampling_steps}-{args.cache}-seed{args.seed}"
+    stem = f"{args.model.replace('/', '-')}-{args.sampler}{args.num_sampling_steps}-{args.cache.partition(':')[0]}-seed{args.seed}"
     images, why = (decode_latents(latents, args.vae) if is_latent else (latents, None))
     if images is None:
         latent_path = args.out_dir / f"{stem}.latents.pt"

@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("train-router", help="train a Learning-to-Cache router for a DiT",
                        description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded",
-                   help="'embedded', a DiT preset (with --ckpt or --random-weights) or a checkpoint file "
-                        "(default: %(default)s)")
+                   help="'embedded', a DiT or U-ViT preset (with --ckpt or --random-weights) or a DiT checkpoint "
+                        "file (default: %(default)s)")
     p.add_argument("--ckpt", default=None, help="checkpoint for a preset --model")
     p.add_argument("--random-weights", action="store_true", help="random weights for a preset (testing only)")
     p.add_argument("--image-size", type=int, choices=(256, 512), default=256,
@@ -40,9 +40,9 @@ def add_parser(sub) -> None:
                    help="'embedded' (digits train split), 'digits:SPLIT', a latent tensor file (.pt/.safetensors/"
                         ".npz/.npy) or an image folder root/<class>/<image> (default: %(default)s)")
     p.add_argument("--num-steps", type=positive_int, default=20,
-                   help="DDIM sampling steps, even (default: %(default)s)")
+                   help="DDIM sampling steps, even; for U-ViT: DPM-Solver++(2S) steps (default: %(default)s)")
     p.add_argument("--lambda", dest="lam", type=_nonneg_float, default=5e-6,
-                   help="sparsity weight on sum(beta) (default: %(default)s)")
+                   help="sparsity weight on sum(beta); U-ViT's reference uses 0.1 (default: %(default)s)")
     p.add_argument("--lr", type=_nonneg_float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--iters", type=positive_int, default=2000, help="iterations in total (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=16,
@@ -79,6 +79,10 @@ def run(args) -> int:
     from stepcache.training.l2c_data import load_data
     from stepcache.training.l2c import RouterTrainConfig, init_distributed, model_identity, train_router
 
+    from stepcache.cli import uvit
+
+    if uvit.is_uvit(args.model):  # DPM-Solver++(2S) routers, the U-ViT objective
+        return uvit.train_router(args)
     if args.ste_threshold is not None and not 0.0 < args.ste_threshold < 1.0:
         raise ConfigError(f"--ste-threshold must lie in (0, 1), got {args.ste_threshold}.")
     if not 0.0 <= args.threshold <= 1.0:

@@ -19,6 +19,7 @@ class RunInfo:
     batch: int
     cfg: bool = False
     uncond_first: bool = False
+    stages: int = 1  # model evaluations per step: 2 for DPM-Solver++(2S) (start, midpoint)
 
 
 @dataclass(frozen=True)

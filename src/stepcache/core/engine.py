@@ -136,9 +136,10 @@ class CacheHandle:
                              "the original's hooks); call stepcache.remove() first, copy, then apply to each.")
 
     # ------------------------------------------------------------------ clock
-    def begin_run(self, num_steps: int, batch: int, cfg: bool = False, uncond_first: bool = False) -> None:
+    def begin_run(self, num_steps: int, batch: int, cfg: bool = False, uncond_first: bool = False,
+                  stages: int = 1) -> None:
         """Start a sampling run: drop all state of the previous run."""
-        self.run = RunInfo(num_steps=num_steps, batch=batch, cfg=cfg, uncond_first=uncond_first)
+        self.run = RunInfo(num_steps=num_steps, batch=batch, cfg=cfg, uncond_first=uncond_first, stages=stages)
         self.state.clear()
         self.ctx = None
         self._stats = CacheStats(num_tokens=self.info.num_tokens)
@@ -147,7 +148,8 @@ class CacheHandle:
     def set_step(self, ctx: StepContext) -> None:
         if self.run is None:
             raise ClockError("set_step() called before begin_run(); a sampler must start the run first.")
-        if ctx.num_steps != self.run.num_steps or not 0 <= ctx.i < ctx.num_steps:
+        if ctx.num_steps != self.run.num_steps or not 0 <= ctx.i < ctx.num_steps \
+                or not 0 <= ctx.stage < self.run.stages:
             raise ClockError(f"step {ctx.i} of {ctx.num_steps} does not belong to the current "
                              f"{self.run.num_steps}-step run.")
         self._stats.note_memory(self.state.nbytes())

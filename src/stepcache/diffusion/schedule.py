@@ -45,7 +45,7 @@ class Diffusion:
 
     def __post_init__(self) -> None:
         kept = set(respaced_timesteps(self.num_steps))
-        base_cumprod = np.cumprod(1.0 - linear_betas(), axis=0)
+        base_cumprod = np.cumprod(1.0 - self.base_betas(), axis=0)
         betas, mapping, last = [], [], 1.0
         for t, a in enumerate(base_cumprod):
             if t in kept:
@@ -69,6 +69,10 @@ class Diffusion:
         self.posterior_mean_coef1 = b * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         self.log_betas = np.log(b)
+
+    def base_betas(self) -> np.ndarray:
+        """The T training betas before respacing (a subclass may train on another table)."""
+        return linear_betas()
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

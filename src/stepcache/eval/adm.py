@@ -67,10 +67,13 @@ def _open(path: str | Path):
 def _array(npz, key: str, path) -> np.ndarray:
     """``npz[key]``, read now: numpy reads lazily, so an object (pickled) array fails only on access."""
     try:
-        return npz[key]
+        value = npz[key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         why = "an object array, which is never unpickled" if "allow_pickle" in str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}:{key} cannot be read ({why}).") from None
+    if not isinstance(value, np.ndarray):  # numpy hands back the raw bytes of a member that is not an .npy
+        raise CheckpointError(f"{path}:{key} cannot be read (not an .npy array).")
+    return value
 
 
 def as_rgb_uint8(images: np.ndarray, where: str = "arr_0") -> np.ndarray:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from stepcache.errors import CheckpointError, ConfigError, ModelMismatchError
+from stepcache.io import atomic_write, current_umask
 from stepcache.models.dit import PRESETS, DiT, parse_preset, register_loader
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
@@ -53,6 +54,7 @@ def fetch(url: str, dest: Path, verify=None, chunk: int = 1 << 20, timeout: floa
                 out.write(block)
         if verify is not None:
             verify(Path(tmp))
+        os.chmod(tmp, 0o666 & ~current_umask())  # as open() would; mkstemp makes 0600
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise CheckpointError(f"Could not download {url} ({getattr(err, 'reason', err)}); check the network "
@@ -136,12 +138,11 @@ def save_dit(model: DiT, path: str | os.PathLike) -> Path:
     path = Path(path)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(sd, str(path), metadata={CONFIG_KEY: json.dumps(asdict(model.config))})
-    else:
-        torch.save(sd, path)
-    return path
+        blob = save(sd, metadata={CONFIG_KEY: json.dumps(asdict(model.config))})
+        return atomic_write(path, lambda f: f.write(blob))
+    return atomic_write(path, lambda f: torch.save(sd, f))
 
 
 # ---------------------------------------------------------------------------------------------- architecture

@@ -1,6 +1,6 @@
 """Calibration arithmetic for the dynamic policies: MagCache magnitude ratios and TeaCache's polynomial.
 
-Recording happens during uncached runs (:mod:`stepcache.policies.calibrate`); this module only
+Recording happens during uncached runs (:mod:`stepcache.training.calibrate`); this module only
 turns the recorded tensors into the numbers the configs load, and writes the calibration file.
 """
 

@@ -19,8 +19,10 @@ The Fn reference residual is refreshed only on computed steps, so d is the drift
 refresh. Differences from cache-dit, by design: the step is the sampler's index (cache-dit counts
 calls, so CFG pairs or multi-stage solvers shift its warm-up and limits); state is kept per call
 branch (cond / uncond) always; ``front + back <= depth`` is enforced (cache-dit accepts overlaps
-and runs blocks twice); the Taylor forecast's differences start at the second computed step
-(cache-dit's calibrator starts one call late).
+and runs blocks twice); the forecast takes differences at computed steps ``s >= forecast.warmup - 1``
+(TaylorSeer's own rule; the default warm-up 2 differences from the second step on). cache-dit's
+calibrator starts late (no difference before step 3): ``forecast=TaylorSeer(order=1, warmup=4)``
+reproduces it exactly.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class DBCache(PolicyConfig):
         max_cached_steps, max_continuous_cached_steps: limits per run (-1: none).
         max_accumulated_diff: stop caching once the recorded diffs sum to this (None: no cap).
         forecast: ``TaylorSeer(order=k)`` forecasts the middle residual instead of reusing it
-            (only its ``order`` and ``factors_dtype`` are used; DBCache decides the steps).
+            (its ``order``, ``factors_dtype`` and ``warmup`` (differences from step warmup-1) are used;
+            DBCache decides the steps).
     """
 
     front: int = 8
@@ -120,7 +123,7 @@ class DualBlockState:
         self.series: TaylorSeries | None = None
         if config.forecast is not None:
             self.series = TaylorSeries(config.forecast.order, FACTOR_DTYPES[config.forecast.factors_dtype],
-                                       rules="diffusers")
+                                       rules="diffusers", differences_from=config.forecast.warmup - 1)
 
     @property
     def ref(self) -> torch.Tensor | None:

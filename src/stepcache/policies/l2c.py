@@ -169,14 +169,23 @@ class L2CPolicy(Policy):
             raise ModelMismatchError(f"The L2C router was made for a {config.depth}-layer model but this "
                                      f"model has {info.depth} layers.")
         self.keep = recompute_mask(config.logits(), config.threshold).tolist()  # [S][2D] bool
+        self.staged = None
 
     def reset(self, run) -> None:
+        self.staged = None
+        if run.stages > 1:  # DPM-Solver++(2S): cache steps are step starts, see policies/l2c_dpm.py
+            from stepcache.policies.l2c_dpm import StagedRouter
+
+            self.staged = StagedRouter(self.config, run)
+            return super().reset(run)
         if run.num_steps != self.config.num_steps:
             raise ModelMismatchError(f"The L2C router was made for {self.config.num_steps} sampling steps but "
                                      f"this run has {run.num_steps}.")
         super().reset(run)
 
     def decide(self, ctx, site, view):
+        if self.staged is not None:
+            return self.staged.decide(ctx, site.layer, site.name)
         layer, offset = site.layer, BRANCH_OFFSET.get(site.name)
         if offset is None:  # e.g. cross-attention: not routed by L2C, always computed
             return COMPUTE
@@ -274,15 +283,16 @@ def check_router(logits: torch.Tensor, meta: dict, path, *, model=None, num_step
     A router is learned for one sampler's trajectory (a DDIM-50 router says nothing about DDPM-50) and
     for one model; reference files record neither, so for them only depth and step count are checked.
     """
-    if num_steps is not None and logits.shape[0] != num_steps:
-        raise ModelMismatchError(f"The L2C router {path} was made for {logits.shape[0]} sampling steps, "
-                                 f"not {num_steps}.")
+    evaluations = num_steps * (2 if sampler and sampler.startswith("dpm-solver") else 1) if num_steps else None
+    if evaluations is not None and logits.shape[0] != evaluations:  # DPM-Solver++(2S): one router per evaluation
+        raise ModelMismatchError(f"The L2C router {path} was made for {logits.shape[0]} sampling steps (model "
+                                 f"evaluations), not {evaluations}.")
     made_for = meta.get("sampler")
     if sampler is not None and made_for is not None and made_for != sampler:
         raise ModelMismatchError(f"The L2C router {path} was made for the {made_for} sampler, not {sampler}.")
     if model is None:
         return
-    depth = getattr(getattr(model, "config", None), "depth", None) or len(getattr(model, "blocks", ()))
+    depth = len(getattr(model, "blocks", ())) or getattr(getattr(model, "config", None), "depth", None)
     if depth and logits.shape[1] != 2 * depth:
         raise ModelMismatchError(f"The L2C router {path} was made for a {logits.shape[1] // 2}-layer model but "
                                  f"this model has {depth} layers.")

@@ -25,7 +25,7 @@ import torch
 from stepcache.core.actions import COMPUTE, REUSE
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.calibration_data import load_values, published
+from stepcache.policies.calibration_data import load_values, published, published_by_name
 
 TABLE = "magcache_ratios.json"
 
@@ -38,8 +38,9 @@ class MagCache(PolicyConfig):
         threshold: largest accumulated error ``sum |1 - prod ratios|`` a skip may reach.
         max_skip_steps: most steps skipped in a row (K).
         retention_ratio: the first ``int(retention_ratio * S + 0.5)`` steps are always computed.
-        mag_ratios: the model's magnitude ratios (a list, or the path of a ``stepcache calibrate``
-            file); None uses the published table for the model when one exists (FLUX).
+        mag_ratios: the model's magnitude ratios (a list, a published table's name such as "flux" or
+            "embedded-ddim50", or the path of a ``stepcache calibrate`` file); None uses the published
+            table for the model when one exists (FLUX).
     """
 
     threshold: float = 0.06
@@ -58,7 +59,10 @@ class MagCache(PolicyConfig):
                 or not 0 <= self.retention_ratio <= 1:
             raise ConfigError(f"MagCache retention_ratio must be in [0, 1], got {self.retention_ratio!r}.")
         if self.mag_ratios is not None:
-            ratios = load_values(self.mag_ratios, "mag_ratios", "MagCache mag_ratios")
+            source = self.mag_ratios
+            if isinstance(source, str) and not source.endswith(".json"):  # a published table's name
+                source = published_by_name(TABLE, "mag_ratios", source)
+            ratios = load_values(source, "mag_ratios", "MagCache mag_ratios")
             if any(not r > 0 for r in ratios):
                 raise ConfigError("MagCache mag_ratios must all be > 0; record them again with `stepcache calibrate`.")
             object.__setattr__(self, "mag_ratios", ratios)
@@ -74,8 +78,8 @@ def resolve_ratios(config: MagCache, family: str) -> tuple[float, ...]:
         return config.mag_ratios
     ratios = published(TABLE, "mag_ratios", family)
     if ratios is None:
-        raise ConfigError(f"MagCache has no magnitude ratios for {family}; run `stepcache calibrate --method "
-                          f"magcache --model ...` and pass MagCache(mag_ratios=<the written file>).")
+        raise ConfigError(f"MagCache has no magnitude ratios for {family}; run `stepcache calibrate --model ... "
+                          f"--out FILE` and pass MagCache(mag_ratios=FILE) (CLI: --mag-ratios FILE).")
     return ratios
 
 

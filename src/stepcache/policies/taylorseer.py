@@ -162,13 +162,17 @@ def forecast(factors: Sequence[torch.Tensor], offset: int, dtype: torch.dtype, *
     if not factors:
         raise ConfigError("TaylorSeer has no factors to forecast from; the first step must be a full step.")
     if rules == "reference":  # (1/k!) * F_k * x**k, summed left to right in the factor dtype
-        out = factors[0] * 1
+        out = factors[0] if len(factors) > 1 else factors[0].clone()  # 1.0 * F0 * 1 is F0 itself
         for k in range(1, len(factors)):
-            out = out + (1 / math.factorial(k)) * factors[k] * offset ** k
+            # k = 1: (1.0 * F1) * x is F1 * x bit for bit, one pass fewer on the hot path
+            term = factors[1] * offset if k == 1 else (1 / math.factorial(k)) * factors[k] * offset ** k
+            out = out + term
         return out.to(dtype)
-    out = torch.zeros_like(factors[0], dtype=dtype)  # diffusers: each factor cast, then x^k/k! after it
-    for k, f in enumerate(factors):
-        out = out + f.to(dtype) * (offset ** k / math.factorial(k))
+    out = factors[0].to(dtype)  # diffusers: 0 + F0 * 1.0 is F0 (up to the sign of a zero)
+    if len(factors) == 1 and out is factors[0]:
+        out = out.clone()
+    for k in range(1, len(factors)):  # each factor cast to the output dtype, x^k/k! multiplied after it
+        out = out + factors[k].to(dtype) * (offset ** k / math.factorial(k))
     return out
 
 
@@ -199,8 +203,8 @@ class TaylorSeries:
         self.factors, self.last_step = [], None
 
     def update(self, feature: torch.Tensor, s: int) -> None:
-        if self.last_step is not None and s == self.last_step:
-            raise ConfigError(f"TaylorSeer was refreshed twice at step {s}; each step must be refreshed once.")
+        if s == self.last_step:  # a second solver stage of the same step: the step's first value stands
+            return
         distance = 0 if self.last_step is None else s - self.last_step
         difference = self.last_step is not None and s >= self.differences_from
         self.factors = update_factors(self.factors, feature, distance, self.max_order, difference=difference,
@@ -215,13 +219,6 @@ class TaylorSeries:
 
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.factors)
-
-
-def last_full_step(s: int, config: TaylorSeer) -> int:
-    """The latest full step at or before ``s``."""
-    while not is_full_step(s, config):
-        s -= 1
-    return s
 
 
 # Branch sites forecast under sites="attention": the modules diffusers' default patterns hook (names
@@ -266,6 +263,8 @@ class TaylorSeerPolicy(Policy):
             return
         slots = result.memory
         old, prev = slots.get("F", []), slots.get("s")
+        if prev == s:  # a second solver stage of the same step: the step's first value stands
+            return
         slots["F"] = update_factors(old, result.output, 0 if prev is None else s - prev, self.config.order,
                                     difference=prev is not None and takes_differences(s, self.config),
                                     dtype=self.dtype, rules=self.config.rules)

@@ -12,7 +12,7 @@ Horner's rule, no clamping: it may be negative). A skipped step returns stack in
 the last computed step.
 
 Coefficients: the published ones come from ``assets/teacache_coefficients.json`` (keyed by model);
-for other models fit them with ``stepcache calibrate --method teacache``.
+for other models fit them with ``stepcache calibrate --model ... --out FILE``.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def resolve_coefficients(config: TeaCache, family: str) -> tuple[float, ...]:
         return config.coefficients
     coefficients = published(TABLE, "coefficients", family)
     if coefficients is None:
-        raise ConfigError(f"TeaCache has no rescaling coefficients for {family}; run `stepcache calibrate --method "
-                          f"teacache --model ...` and pass TeaCache(coefficients=<the written file>).")
+        raise ConfigError(f"TeaCache has no rescaling coefficients for {family}; run `stepcache calibrate --model "
+                          f"... --out FILE` and pass TeaCache(coefficients=FILE) (CLI: --coefficients FILE).")
     return coefficients
 
 

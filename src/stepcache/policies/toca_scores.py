@@ -96,6 +96,9 @@ def spatial_bonus(score: torch.Tensor, grid: tuple[int, int], ratio: float, bloc
     the arg-max token gets ``+ max * ratio``. score (B, T) -> (B, T)."""
     rows, T = score.shape
     h, w = grid
+    if T > h * w:  # extra tokens come first (U-ViT's label and time tokens): the bonus covers the patches only
+        extra = T - h * w
+        return torch.cat([score[:, :extra], spatial_bonus(score[:, extra:], grid, ratio, block)], dim=1)
     cells = score.view(rows, h // block, block, w // block, block).permute(0, 1, 3, 2, 4)
     cells = cells.contiguous().view(rows, -1, block * block)  # (B, cells, block^2)
     top, where = cells.max(dim=-1, keepdim=True)  # (B, cells, 1)

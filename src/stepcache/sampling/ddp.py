@@ -5,9 +5,10 @@ Differences from DiT's script, all in service of reproducible 50k-sample evaluat
 - **Per-image seeds** (EDM's per-seed generators, Karras et al. 2022): sample ``k`` uses a generator seeded
   from ``(global_seed, k)`` for its class label, its initial noise and its per-step noise, so image ``k``
   does not depend on the rank, on the number of processes or on which images were sampled before it.
+  ``global_seed`` is one 32-bit word (0..2**32-1); larger seeds are refused rather than aliased to smaller ones.
   Each rank still seeds its global RNG with DiT's ``global_seed * world_size + rank``.
 - **Fixed batches**: batch ``j`` always holds samples ``[j*B, (j+1)*B)``; ranks take the pending batches
-  round-robin. A batch is recomputed whole when any of its PNGs is missing, so its bits never depend on
+  round-robin. A batch is recomputed whole when any of its PNGs is missing or bad, so its bits never depend on
   what was done before (matmul results can depend on the batch's rows, so batches never change shape).
 - **Resume**: PNGs are written atomically (temporary file + rename) as ``DIR/samples/{k:06d}.png``; a rerun
   of the same command decodes every existing PNG (a truncated, empty or wrong-sized one counts as missing)
@@ -92,15 +93,15 @@ def _generators(global_seed: int, indices: range, device: torch.device) -> list[
 
 def sample_batch(model, indices: range, cfg: DDPSampleConfig, device: torch.device, policy=None):
     """Latents or pixels (n, C, H, W) and labels (n,) of samples ``indices``, each from its own generator."""
-    import stepcache
+    from stepcache.sampling.sample import sample
 
     gens = _generators(cfg.global_seed, indices, device)
     labels = torch.stack([torch.randint(model.num_classes, (), generator=g, device=device) for g in gens])  # (n,)
     shape = (model.in_channels, model.input_size, model.input_size)
     noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])  # (n, C, H, W)
-    out = stepcache.sample(model, noise, labels, num_steps=cfg.num_steps, sampler=cfg.sampler,
-                           cfg_scale=cfg.cfg_scale, policy=policy, guide_channels=cfg.guide_channels,
-                           generator=gens)
+    out = sample(model, noise, labels, num_steps=cfg.num_steps, sampler=cfg.sampler,
+                 cfg_scale=cfg.cfg_scale, policy=policy, guide_channels=cfg.guide_channels,
+                 generator=gens)
     return out, labels
 
 

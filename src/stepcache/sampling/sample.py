@@ -12,6 +12,7 @@ from stepcache.diffusion.schedule import Diffusion
 from stepcache.errors import ConfigError
 from stepcache.core.context import StepContext
 from stepcache.api import apply, get_handle
+from stepcache.sampling import solver_sample
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import SAMPLERS
 
@@ -57,6 +58,10 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 25
     ``stepcache.apply`` is driven as well. Per-step noise comes from the global torch RNG unless a
     ``generator`` is given.
     """
+    if solver_sample.handles(model, sampler):  # DPM-Solver++(2S), and U-ViT under any sampler
+        return solver_sample.sample_family(model, noise, labels, num_steps, sampler, cfg_scale, policy,
+                                           guide_channels=guide_channels, generator=generator, progress=progress,
+                                           return_stats=return_stats)
     channels = _check(model, noise, labels, num_steps, sampler, cfg_scale, guide_channels)
     if isinstance(generator, (list, tuple)) and len(generator) != noise.shape[0]:
         raise ConfigError(f"generator must be one generator or a list of one per sample ({noise.shape[0]}), "

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from stepcache.adapters.base import Adapter, gather_tokens
+from stepcache.adapters.diffusers.probes import modulated_input, supports_modulated_input
 from stepcache.core.context import ModelInfo
 from stepcache.errors import ClockError, ConfigError
 from stepcache.adapters.diffusers.clock import adopt_from_stack
@@ -210,8 +211,12 @@ class DiffusersAdapter(Adapter):
 
     def info(self, model) -> ModelInfo:
         grid = self.default_grid(model)
-        return ModelInfo(depth=len(self.blocks(model)), num_tokens=grid[0] * grid[1], grid=grid,
-                         branches=self.branches, family=self.family, capabilities=self.capabilities,
+        blocks = self.blocks(model)
+        capabilities = self.capabilities
+        if blocks and supports_modulated_input(blocks[0][0]):
+            capabilities = capabilities | {"modulated_input"}
+        return ModelInfo(depth=len(blocks), num_tokens=grid[0] * grid[1], grid=grid,
+                         branches=self.branches, family=self.family, capabilities=frozenset(capabilities),
                          variant=self.variant)
 
     # ------------------------------------------------------------------ installation
@@ -243,8 +248,8 @@ class DiffusersAdapter(Adapter):
             for layer, (block, group) in enumerate(self.blocks(model)):
                 sites = tuple((s.branch, getattr(block, s.module).forward.site_macs) for s in group.sites
                               if getattr(block, s.module, None) is not None)
-                patches.append(ForwardPatch(block, lambda orig, l=layer, g=group, st=sites:
-                                            _span_block(orig, l, g, st, handle)))
+                patches.append(ForwardPatch(block, lambda orig, l=layer, g=group, st=sites, b=block:
+                                            _span_block(orig, l, g, st, handle, b)))
 
     def patch_blocks(self, model, handle, patches: list) -> None:
         """Family hook: replace block forwards (FLUX's single blocks) before the span wrappers go on."""
@@ -293,7 +298,7 @@ class DiffusersAdapter(Adapter):
         return per_image, per_text, per_row
 
 
-def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
+def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle, block=None):
     """A block routed through ``handle.block`` so that spans of blocks can be computed or skipped.
     The blocks' own adaLN work is part of the model's fixed work here (a skipped block's is still counted
     as executed: the accounting errs on the side of less saving)."""
@@ -304,8 +309,11 @@ def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
         call = _call_args(original, args, kwargs)
         h = call.arguments["hidden_states"]  # (B, T, D)
         run = lambda: original(*args, **kwargs)  # noqa: E731
+        probes = None
+        if layer == 0 and block is not None and supports_modulated_input(block):  # TeaCache's indicator
+            probes = {"modulated_input": lambda: modulated_input(block, call)}
         if not pair:
-            return handle.block(layer, h, run, sites=sites)
+            return handle.block(layer, h, run, sites=sites, probes=probes)
         e = call.arguments.get("encoder_hidden_states")  # (B, L, D) or None
         T = h.shape[1]
         x = h if e is None else torch.cat([h, e], dim=1)  # (B, T + L, D)
@@ -318,7 +326,7 @@ def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle):
         def passthrough(stream):
             return (stream[:, T:] if stream.shape[1] > T else None), stream[:, :T]
 
-        return handle.block(layer, x, run, sites=sites, hidden=hidden, passthrough=passthrough)
+        return handle.block(layer, x, run, sites=sites, hidden=hidden, passthrough=passthrough, probes=probes)
 
     return forward
 
@@ -378,13 +386,13 @@ def _branch_extras(handle) -> set:
 
 
 def _skippable_norm(original, site, layer, handle):
-    """A norm that feeds only ``site``: when the policy will reuse the site (decided ahead through
+    """A norm that feeds only ``site``: when the policy will reuse or forecast the site (decided ahead through
     ``handle.peek``), return one token instead of normalising all of them; the block's elementwise
     modulation broadcasts it and the reused site ignores its input, so the block output is unchanged."""
 
     def forward(x, *args, **kwargs):  # (B, T, D)
         action = handle.peek(layer, site.branch)
-        if action is not None and action.kind == "reuse":
+        if action is not None and action.kind in ("reuse", "emit"):  # the site ignores its input
             return x[:, :1]
         return original(x, *args, **kwargs)
 

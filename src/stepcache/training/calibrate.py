@@ -19,6 +19,7 @@ from stepcache.core.actions import COMPUTE
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
 from stepcache.policies.calibrate_math import fit_teacache, magnitude_ratio, mean_ratios
+from stepcache.policies.fbcache import hidden_part
 from stepcache.policies.indicators import rel_l1
 
 
@@ -71,7 +72,7 @@ class RecorderPolicy(Policy):
         if not site.is_span:
             return
         rec = self.state
-        R = result.output  # (B, N, D)
+        R = hidden_part(result.output, self.info)  # (B, T, D): the image stream, as MagCache measures it
         rec.ratios.append(1.0 if rec.residual is None else magnitude_ratio(rec.residual, R))
         rec.residual = R
 
@@ -85,11 +86,11 @@ class RecorderPolicy(Policy):
 
 def calibrate(model, run: Callable[[], Any], *, repeats: int = 1) -> dict:
     """Run ``run()`` (one sampling run of ``model``, a model or pipeline) ``repeats`` times under a
-    :class:`Recorder`; returns ``{"num_steps", "mag_ratios", "teacache_coefficients", "teacache_r2",
+    :class:`Recorder`; returns ``{"family", "num_steps", "mag_ratios", "teacache_coefficients", "teacache_r2",
     "pairs"}`` (TeaCache entries None when the adapter has no modulated-input probe)."""
-    import stepcache
+    from stepcache.api import apply
 
-    handle = stepcache.apply(model, Recorder())
+    handle = apply(model, Recorder())
     recorder: RecorderPolicy = handle.handler
 
     def hook(module, args, output):
@@ -108,8 +109,8 @@ def calibrate(model, run: Callable[[], Any], *, repeats: int = 1) -> dict:
         raise ConfigError("The calibration run never called the model under a sampling clock.")
     num_steps = len(records[0].ratios)
     ratios = mean_ratios([r.ratios for r in records])
-    result = {"num_steps": num_steps, "mag_ratios": ratios, "teacache_coefficients": None, "teacache_r2": None,
-              "pairs": 0}
+    result = {"family": handle.info.family, "num_steps": num_steps, "mag_ratios": ratios,
+              "teacache_coefficients": None, "teacache_r2": None, "pairs": 0}
     if recorder.teacache:
         x = [v for r in records for v in r.x]
         y = [v for r in records for v in r.y]

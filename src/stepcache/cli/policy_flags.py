@@ -1,0 +1,171 @@
+"""Caching flags generated from the policy registry: one syntax for every subcommand that runs a model.
+
+``--cache METHOD`` picks a registered method (or ``--cache METHOD:key=value,...``, the spec syntax of
+``bench --policies``), and every setting of every registered config dataclass becomes a flag
+(``--interval``, ``--fresh-ratio``, ``--threshold``, ...; ``--cache-<name>`` where the name is taken
+by the subcommand). A flag left unset keeps the method's own default; a flag the chosen method does
+not have is refused naming the method's settings. A method added to the registry gets its flags
+with no edit here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+from stepcache.core.policy import PolicyConfig, known_methods, policy_class
+from stepcache.errors import ConfigError
+
+_SKIP = {"none"}  # methods without settings worth a flag
+_HIDDEN = {"calibration-recorder"}  # registered for internal runs, not on the menu
+
+
+def menu() -> list[str]:
+    """The methods ``--cache`` offers: the registry (test and internal policies excluded)."""
+    return ["none"] + [m for m in known_methods() if m not in _SKIP | _HIDDEN and not m.startswith("test-")]
+
+
+def _settings() -> dict[str, dict[str, tuple]]:
+    """{setting: {method: (type hint, default)}} over the menu."""
+    table: dict[str, dict[str, tuple]] = {}
+    for method in menu()[1:]:
+        cls = policy_class(method)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            table.setdefault(f.name, {})[method] = (hints.get(f.name, str), default)
+    return table
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("caching (flags generated from the policy registry)")
+    g.add_argument("--cache", default="none", metavar="METHOD[:k=v,...]", type=_cache_spec,
+                   help=f"caching method: {', '.join(menu())} (default: %(default)s); settings may follow as "
+                        "'fora:interval=3' or as the flags below")
+    taken = set(parser._option_string_actions)
+    dests = {}
+    for name, per_method in sorted(_settings().items()):
+        flag = "--" + name.replace("_", "-")
+        if flag in taken:
+            flag = "--cache-" + name.replace("_", "-")
+        dest = "cache_opt_" + name
+        uses = ", ".join(f"{m} (default {_show(d)})" for m, (_, d) in per_method.items())
+        g.add_argument(flag, dest=dest, default=None, metavar="VALUE", help=f"setting of {uses}")
+        dests[name] = flag
+    parser.set_defaults(_cache_flags=dests)
+
+
+def _cache_spec(text: str) -> str:
+    """``--cache`` checked at parse time: an unknown method is an argparse error (one line, exit 2)."""
+    method = text.partition(":")[0].strip().lower()
+    if method not in menu():
+        raise argparse.ArgumentTypeError(f"unknown cache method {method!r}; choose one of {', '.join(menu())}")
+    return text
+
+
+def _show(value) -> str:
+    if value is None:
+        return "unset"
+    return value.method if isinstance(value, PolicyConfig) else str(value)
+
+
+def chosen_settings(args) -> tuple[str, dict]:
+    """(method, {setting: raw value}) from ``--cache`` and the flags that were set."""
+    from stepcache.bench.methods import parse_spec
+
+    method, params = parse_spec(str(args.cache))
+    if method not in menu():
+        raise ConfigError(f"Unknown cache method {method!r}; choose one of {', '.join(menu())}.")
+    flags = getattr(args, "_cache_flags", {})
+    for name, flag in flags.items():
+        value = getattr(args, "cache_opt_" + name, None)
+        if value is not None:
+            if name in params:
+                raise ConfigError(f"{name} is given twice, in --cache and as {flag}.")
+            params[name] = value
+    if method == "none":
+        if params:
+            raise ConfigError(f"--cache none takes no settings, got {', '.join(sorted(params))}.")
+        return method, {}
+    fields = {f.name for f in dataclasses.fields(policy_class(method))}
+    for name in params:
+        if name not in fields:
+            where = flags.get(name, name)
+            raise ConfigError(f"{where} does not apply to --cache {method} (its settings: {', '.join(sorted(fields))}).")
+    return method, params
+
+
+def convert(method: str, name: str, value):
+    """A raw CLI value of setting ``name`` as the config's type."""
+    cls = policy_class(method)
+    hint = typing.get_type_hints(cls).get(name, str)
+    if not isinstance(value, str):
+        return value
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if value.lower() == "none" and type(None) in typing.get_args(hint):
+        return None
+    for option in options:
+        origin = typing.get_origin(option) or option
+        try:
+            if isinstance(origin, type) and issubclass(origin, PolicyConfig):
+                from stepcache.bench.methods import parse_spec
+
+                sub, params = parse_spec(value)
+                return PolicyConfig.from_dict({"method": sub, **params})
+            if origin is bool:
+                if value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                    return value.lower() in ("true", "1", "yes")
+                continue
+            if origin is int:
+                return int(value)
+            if origin is float:
+                return float(value)
+            if origin is tuple:
+                if Path(value).is_file() and str in options:
+                    continue
+                return tuple(float(v) for v in value.replace("[", "").replace("]", "").split(",") if v.strip())
+            if origin is str:
+                return value
+        except (ValueError, json.JSONDecodeError):
+            continue
+    raise ConfigError(f"--{name.replace('_', '-')} of {method} cannot be {value!r}.")
+
+
+def build_policy(args, model=None):
+    """The policy config the caching flags ask for (None for no cache); bad settings raise ConfigError.
+
+    L2C reads its router file (``--router``; the shipped one for the embedded model) and, given the
+    ``model``, checks it against the model, the step count and the sampler.
+    """
+    method, params = chosen_settings(args)
+    if method == "none":
+        return None
+    if method == "l2c":  # the router is a file, read (and checked) by L2C.from_checkpoint
+        return _l2c(args, params, model)
+    params = {k: convert(method, k, v) for k, v in params.items()}
+    return PolicyConfig.from_dict({"method": method, **params})
+
+
+def _l2c(args, params: dict, model):
+    import stepcache
+
+    router = params.pop("router", None)
+    threshold = params.pop("threshold", None)
+    if params:
+        raise ConfigError(f"--cache l2c takes --router and --threshold, not {', '.join(sorted(params))}.")
+    if router is None:
+        shipped = Path(__file__).resolve().parents[1] / "assets" / (
+            f"embedded_router_{args.sampler}{args.num_sampling_steps}.safetensors")
+        if getattr(args, "model", None) != "embedded" or not shipped.is_file():
+            raise ConfigError("--cache l2c needs --router FILE (a router is shipped only for the embedded model "
+                              "with DDIM-50).")
+        router = str(shipped)
+    if threshold is not None:
+        threshold = float(threshold)
+    if model is None:
+        return stepcache.L2C.from_checkpoint(router, threshold=threshold)
+    return stepcache.L2C.from_checkpoint(router, threshold=threshold, model=model,
+                                         num_steps=args.num_sampling_steps, sampler=args.sampler)

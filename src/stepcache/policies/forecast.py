@@ -1,0 +1,144 @@
+"""Forecast: compute every block on a schedule of full steps, forecast every branch in between by
+polynomial extrapolation through its last computed values, at their true step positions.
+
+stepcache's own method. Like TaylorSeer (Liu et al., arXiv 2503.06923) it replaces the attention
+and MLP outputs of skipped steps by a forecast from the last full steps, but
+
+- the forecast is the exact interpolating polynomial through the last ``order + 1`` computed values
+  (Lagrange form on their real step positions): TaylorSeer's reference divides every order by the
+  latest spacing only, which is exact for order 1 on a uniform grid but biased where spacings differ
+  (after the warm-up, or on any non-uniform schedule);
+- the full steps are a free schedule: a spaced one (``num_full`` steps, denser towards the end for
+  ``power > 1``: on the embedded DiT the last steps, which settle the fine detail, gain most), or
+  one learned for a model with :func:`stepcache.training.forecast_schedule.learn_schedule` (end-to-end
+  fidelity on calibration seeds) and given as ``full_steps``.
+
+Steps are counted as ``s = ctx.progress`` (0 = the first step). The forecast costs ``order + 1``
+multiply-adds per element, counted as the policy's work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from stepcache.core.actions import COMPUTE, Emit
+from stepcache.core.policy import Policy, PolicyConfig, register_policy
+from stepcache.errors import ConfigError, ModelMismatchError
+
+
+def spaced_schedule(num_steps: int, num_full: int, power: float) -> tuple[int, ...]:
+    """``num_full`` full steps in 0..S-1: 0 and 1 (two values to extrapolate from), then
+    ``round((S-1) (1 - (1 - j / (K-1)) ** power))``: power 1 uniform, > 1 denser towards the end."""
+    S, K = num_steps, min(num_full, num_steps)
+    if K <= 2:
+        return tuple(range(K))
+    steps = {0, 1} | {round((S - 1) * (1 - (1 - j / (K - 1)) ** power)) for j in range(K)}
+    steps = sorted(steps)
+    while len(steps) < K:  # rounding merged some: split the widest gap
+        gaps = [(b - a, a) for a, b in zip(steps, steps[1:])]
+        width, start = max(gaps)
+        steps = sorted(steps + [start + width // 2])
+    while len(steps) > K:  # drop the step closest to a neighbour (never 0 or 1)
+        _, k = min((steps[k + 1] - steps[k - 1], k) for k in range(2, len(steps) - 1))
+        del steps[k]
+    return tuple(steps)
+
+
+@dataclass(frozen=True)
+class Forecast(PolicyConfig):
+    """``Forecast(num_full=15, power=2.0, order=2)`` or ``Forecast(full_steps=(0, 1, ...), num_steps=50)``.
+
+    full_steps: explicit full steps (steps taken: 0 = first), e.g. a learned schedule; it fixes
+        ``num_steps``, the step count it was made for. Empty: the spaced schedule below.
+    num_full / power: the spaced schedule of ``num_full`` full steps (power 1 uniform, > 1 denser late).
+    order: degree of the extrapolating polynomial (1 linear, 2 quadratic, ...).
+    """
+
+    full_steps: tuple = ()
+    num_steps: int | None = None
+    num_full: int = 15
+    power: float = 2.0
+    order: int = 2
+    method: ClassVar[str] = "forecast"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "full_steps", tuple(int(s) for s in self.full_steps))
+        steps = self.full_steps
+        if steps and (steps[0] != 0 or list(steps) != sorted(set(steps))):
+            raise ConfigError("Forecast full_steps must be increasing step numbers starting at 0 (the first step "
+                              "has nothing to forecast from).")
+        if steps and self.num_steps is None:
+            raise ConfigError("Forecast full_steps need num_steps, the step count the schedule was made for.")
+        if steps and steps[-1] >= self.num_steps:
+            raise ConfigError(f"Forecast full step {steps[-1]} lies outside a {self.num_steps}-step run.")
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 0:
+            raise ConfigError(f"Forecast order must be an integer >= 0, got {self.order!r}.")
+        if isinstance(self.num_full, bool) or not isinstance(self.num_full, int) or self.num_full < 1:
+            raise ConfigError(f"Forecast num_full must be an integer >= 1, got {self.num_full!r}.")
+        if not isinstance(self.power, (int, float)) or not 0 < self.power <= 4:
+            raise ConfigError(f"Forecast power must lie in (0, 4], got {self.power!r}.")
+
+    def schedule(self, num_steps: int) -> tuple[int, ...]:
+        if self.full_steps:
+            if num_steps != self.num_steps:
+                raise ModelMismatchError(f"This Forecast schedule was made for {self.num_steps} steps, not {num_steps}.")
+            return self.full_steps
+        return spaced_schedule(num_steps, self.num_full, self.power)
+
+    @classmethod
+    def search_space(cls) -> dict[str, list]:
+        return {"num_full": [10, 12, 15, 18, 22], "power": [1.5, 2.0, 2.5], "order": [1, 2]}
+
+
+def lagrange_weights(points: list[int], s: int) -> list[float]:
+    """Weights w_j with sum_j w_j f(points[j]) = p(s), p the polynomial through the points."""
+    weights = []
+    for j, sj in enumerate(points):
+        w = 1.0
+        for m, sm in enumerate(points):
+            if m != j:
+                w *= (s - sm) / (sj - sm)
+        weights.append(w)
+    return weights
+
+
+def extrapolate(values: list, points: list[int], s: int):
+    """p(s) for the polynomial through (points[j], values[j]); values are tensors of one shape."""
+    weights = lagrange_weights(points, s)
+    out = values[0] * weights[0]
+    for v, w in zip(values[1:], weights[1:]):
+        out.add_(v, alpha=w)
+    return out
+
+
+@register_policy(Forecast)
+class ForecastPolicy(Policy):
+    """Per branch site, ``slots["values"]``/``slots["steps"]``: the last ``order + 1`` computed outputs."""
+
+    def reset(self, run) -> None:
+        super().reset(run)
+        self.full = frozenset(self.config.schedule(run.num_steps))
+
+    def decide(self, ctx, site, view):
+        s = ctx.progress
+        if site.is_span or s in self.full:
+            return COMPUTE
+        slots = view.memory
+        values, points = slots.get("values"), slots.get("steps")
+        if not values:
+            raise ConfigError(f"Forecast has nothing to extrapolate {site} from at step {ctx.i}.")
+        return Emit(extrapolate(values, points, s), macs=values[0].numel() * len(values))
+
+    def observe(self, ctx, site, result) -> None:
+        s = ctx.progress
+        if site.is_span or s not in self.full:
+            return
+        slots = result.memory
+        values, points = slots.setdefault("values", []), slots.setdefault("steps", [])
+        if points and points[-1] == s:  # a second solver stage of the same step: its first value stands
+            return
+        keep = self.config.order + 1
+        values.append(result.output)
+        points.append(s)
+        del values[:-keep], points[:-keep]
