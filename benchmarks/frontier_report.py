@@ -21,6 +21,11 @@ def _best(runs: list[dict], keep) -> dict | None:
     return max(pts, key=lambda r: r["psnr"]) if pts else None
 
 
+def _speedup(r: dict) -> float:
+    """The lower of the wall-clock and CPU-time speedups: on a shared machine either can be lucky."""
+    return min(r.get("speedup", 0.0), r.get("cpu_speedup", r.get("speedup", 0.0)))
+
+
 def evaluate_claims(runs: list[dict]) -> list[dict]:
     """The claims of issue 11 on these runs; each {claim, passed, detail}. A peer is any non-stepcache run."""
     cached = [r for r in runs if r["method"] != "none"]
@@ -44,11 +49,12 @@ def evaluate_claims(runs: list[dict]) -> list[dict]:
                 "passed": margin is not None and margin >= 2.0,
                 "detail": (f"{own['label']} {own['psnr']:.1f} dB vs {peer['label']} {peer['psnr']:.1f} dB: "
                            f"{margin:+.1f} dB") if margin is not None else "no own-only run or no peer in range"})
-    fast = _best(ours, lambda r: r.get("speedup", 0) >= 2.5)
-    out.append({"claim": "some stepcache policy reaches >= 44 dB PSNR at >= 2.5x measured speedup",
+    fast = _best(ours, lambda r: _speedup(r) >= 2.5)
+    out.append({"claim": "some stepcache policy reaches >= 44 dB PSNR at >= 2.5x measured speedup (wall and CPU time)",
                 "passed": fast is not None and fast["psnr"] >= 44.0,
-                "detail": (f"best at >= 2.5x: {fast['label']} {fast['psnr']:.1f} dB at {fast['speedup']:.2f}x"
-                           if fast else "no stepcache policy reaches 2.5x")})
+                "detail": (f"best at >= 2.5x: {fast['label']} {fast['psnr']:.1f} dB at {fast['speedup']:.2f}x wall, "
+                           f"{fast.get('cpu_speedup', fast['speedup']):.2f}x CPU" if fast
+                           else "no stepcache policy reaches 2.5x")})
     return out
 
 
