@@ -101,6 +101,13 @@ CASES = [
     ("calibrate-bad-cfg", lambda b, o: ["calibrate", "--cfg-scale", "0.5", "--out", f"{o}/cal.json"], "--cfg-scale"),
     ("calibrate-out-is-dir", lambda b, o: ["calibrate", "--out", o], "is a folder"),
     ("calibrate-out-under-file", lambda b, o: ["calibrate", "--out", f"{b['good']}/cal.json"], "is a file"),
+    # ------------------------------------------------------------------ tune
+    ("tune-zero-speedup", lambda b, o: ["tune", "--target-speedup", "0", "--out-dir", o], "speedup target"),
+    ("tune-nan-psnr", lambda b, o: ["tune", "--min-psnr", "nan", "--out-dir", o], "psnr target"),
+    ("tune-unknown-method", lambda b, o: ["tune", "--target-speedup", "3", "--methods", "nosuch", "--out-dir", o],
+     "Unknown cache method"),
+    ("tune-missing-model", lambda b, o: ["tune", "--target-speedup", "3", "--model", f"{o}/none.pt", "--out-dir", o],
+     "No checkpoint"),
     # ------------------------------------------------------------------ sample
     ("sample-trunc-ckpt", lambda b, o: ["sample", "--model", "DiT-S/8", "--ckpt", b["trunc_st"], "--out-dir", o],
      "not a readable"),

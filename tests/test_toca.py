@@ -230,3 +230,23 @@ def test_bonus_grid_must_divide_token_grid_and_dict_roundtrip():
         stepcache.apply(model, ToCa(bonus_grid=4))
     cfg = ToCa(4, 0.07, "ToCa-ddpm250", score="kv-norm")
     assert stepcache.PolicyConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_toca_with_forecast_composition(one_thread):
+    """forecast=True: partial steps extrapolate the attention and the MLP tokens not recomputed from the last
+    two full steps (the same tokens recomputed as without); other variants refuse it."""
+    from stepcache import NoCache, sample
+    from helpers import tiny_dit
+
+    model = tiny_dit()
+    noise, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2])
+    run = dict(num_steps=10, sampler="ddim", cfg_scale=1.5)
+    base = sample(model, noise, labels, policy=NoCache(), **run)
+    plain, ps = sample(model, noise, labels, policy=ToCa(interval=3, fresh_ratio=0.2), return_stats=True, **run)
+    fore, fs = sample(model, noise, labels, policy=ToCa(interval=3, fresh_ratio=0.2, forecast=True),
+                      return_stats=True, **run)
+    assert not torch.equal(plain, fore) and fs.macs_policy > 0 and ps.macs_policy == 0
+    assert (fore - base).abs().max() < (plain - base).abs().max()  # closer to the uncached run
+    assert fs.layer_tokens("mlp") == ps.layer_tokens("mlp")  # the same tokens recomputed
+    with pytest.raises(ConfigError):
+        ToCa(forecast=True).resolved("pixart")

@@ -260,10 +260,20 @@ def test_stage_outside_a_two_stage_run_is_a_clock_error():
 def test_other_policies_run_on_uvit(sampler):
     model = tiny_uvit()
     z, y = inputs(model)
-    for policy in (FORA(2), ToCa(interval=2, fresh_ratio=0.3)):
-        out, stats = sample(model, z, y, num_steps=4, sampler=sampler, cfg_scale=1.4, policy=policy,
+    from stepcache import DBCache, FBCache, Forecast, MagCache, TaylorSeer
+
+    steps = 6
+    base = sample(model, z, y, num_steps=steps, sampler=sampler, cfg_scale=1.4)
+    for policy in (FORA(2), ToCa(interval=2, fresh_ratio=0.3), TaylorSeer(interval=2, order=1),
+                   Forecast(num_full=3, order=1), FBCache(threshold=10.0), DBCache(front=1, threshold=10.0, warmup=1),
+                   MagCache(threshold=10.0, retention_ratio=0.0, mag_ratios=(1.0,) * steps)):
+        out, stats = sample(model, z, y, num_steps=steps, sampler=sampler, cfg_scale=1.4, policy=policy,
                             return_stats=True)
-        assert torch.isfinite(out).all() and stats.mac_ratio < 1.0 and math.isfinite(stats.ideal_speedup)
+        assert torch.isfinite(out).all() and stats.mac_ratio < 1.0 and math.isfinite(stats.ideal_speedup), policy
+        assert not torch.equal(out, base), policy
+    with pytest.raises(stepcache.ConfigError, match="modulated input"):  # U-ViT has no timestep-modulated input
+        sample(model, z, y, num_steps=steps, sampler=sampler, cfg_scale=1.4,
+               policy=stepcache.TeaCache(threshold=0.1, coefficients=(0.0, 0.0, 0.0, 1.0, 0.0)))
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -9,6 +9,7 @@ from stepcache.errors import (CheckpointError, ClockError, ConfigError, ModelMis
                               UnsupportedModelError)
 from stepcache.models.dit import DiT
 import stepcache.policies  # noqa: F401  (registers the built-in methods)
+from stepcache.models.stdit3 import STDiT3
 from stepcache.models.uvit import UViT
 from stepcache.policies.dbcache import DBCache
 from stepcache.policies.fbcache import FBCache
@@ -19,13 +20,14 @@ from stepcache.policies.magcache import MagCache
 from stepcache.policies.taylorseer import TaylorSeer
 from stepcache.policies.teacache import TeaCache
 from stepcache.policies.toca import ToCa
+from stepcache.policy_file import load_policy
 from stepcache.sampling.sample import sample
 
 from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
-    "DiT", "UViT", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
+    "DiT", "UViT", "STDiT3", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
     "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "Forecast",
-    "known_methods", "StepcacheError", "ConfigError",
+    "known_methods", "load_policy", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]

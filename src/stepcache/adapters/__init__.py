@@ -2,6 +2,7 @@
 
 from stepcache.adapters.base import Adapter, find_adapter, register_adapter, supported_models
 from stepcache.adapters import dit as _dit  # noqa: F401  (registers DiTAdapter)
+from stepcache.adapters import stdit3 as _stdit3  # noqa: F401  (registers STDiT3Adapter)
 from stepcache.adapters import uvit as _uvit  # noqa: F401  (registers UViTAdapter)
 from stepcache.adapters.diffusers.common import diffusers_available
 

@@ -46,9 +46,19 @@ def embedded_router(num_steps: int, sampler: str) -> Path | None:
     return None
 
 
+def policy_file_spec(spec: str) -> tuple[str, bool] | None:
+    """``"policy.json"`` or ``"policy.json:force=true"`` (a file written by ``stepcache tune``) ->
+    (path, force); None for a method spec."""
+    path, dot, rest = spec.strip().partition(".json")
+    if not dot:
+        return None
+    force = parse_spec("file" + rest)[1].pop("force", False) if rest else False
+    return path + dot, bool(force)
+
+
 def method_unavailable(method: str, num_steps: int, sampler: str, embedded: bool) -> str | None:
     """Why ``method`` cannot run here (one sentence), or None when it can."""
-    if method == "none":
+    if method == "none" or method.endswith(".json"):  # a policy file is checked when it is loaded
         return None
     if method not in known_methods():
         return f"{method} is not implemented in this stepcache build"
@@ -58,7 +68,14 @@ def method_unavailable(method: str, num_steps: int, sampler: str, embedded: bool
 
 
 def build_policy(spec: str, num_steps: int, sampler: str, embedded: bool = True) -> PolicyConfig:
-    """The policy config of ``spec`` for a run of ``num_steps`` steps of ``sampler``."""
+    """The policy config of ``spec`` for a run of ``num_steps`` steps of ``sampler``; a policy file is
+    refused when it was tuned for another step count, sampler or (on the embedded model) model."""
+    file_spec = policy_file_spec(spec)
+    if file_spec is not None:
+        from stepcache.policy_file import load_policy
+
+        return load_policy(file_spec[0], model="embedded" if embedded else None, sampler=sampler,
+                           num_steps=num_steps, force=file_spec[1])
     method, params = parse_spec(spec)
     if method == "none":
         if params:

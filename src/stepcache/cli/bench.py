@@ -17,8 +17,24 @@ def _check_specs(specs) -> None:
     known = sorted(set(known_methods()) | {"none"})
     for spec in specs:
         method = parse_spec(spec)[0]
-        if method not in known:
+        if method not in known and not method.endswith(".json"):  # a policy file is checked when loaded
             raise ConfigError(f"Unknown policy {method!r} in --policies {spec!r}; choose from {', '.join(known)}.")
+
+
+def add_policy_file_options(p) -> None:
+    p.add_argument("--policy", type=Path, default=None, metavar="FILE",
+                   help="also run a policy file written by `stepcache tune` (same as listing FILE in --policies)")
+    p.add_argument("--force", action="store_true", help="run a policy file tuned for another model/sampler/steps")
+
+
+def with_policy_file(specs, args) -> list:
+    """``specs`` plus ``--policy FILE`` (and ``--force``) as a policy-file spec."""
+    specs = list(specs or [])
+    if args.policy is not None:
+        specs.append(f"{args.policy}{':force=true' if args.force else ''}")
+    elif args.force:
+        specs = [s + ":force=true" if s.endswith(".json") else s for s in specs]
+    return specs
 
 
 def add_parser(sub) -> None:
@@ -30,6 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="embedded", help="'embedded' or a native DiT checkpoint path / name")
     p.add_argument("--policies", nargs="+", default=list(DEFAULT_SPECS), metavar="SPEC",
                    help="policy specs method[:key=value,...]; the uncached baseline always runs")
+    add_policy_file_options(p)
     p.add_argument("--num-samples", type=positive_int, default=20, help="samples per run (labels k mod classes)")
     add_sampling_options(p, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, cfg=DEFAULT_CFG, item="sample")
     p.add_argument("--warmup", type=int, default=1, help="short warm-up runs before timing")
@@ -50,6 +67,7 @@ def run(args) -> int:
 
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}.")
+    args.policies = with_policy_file(args.policies, args)
     _check_specs(args.policies)
     check_output_dir(args.report_dir or args.out.parent, "--report-dir")
     if args.out.is_dir():

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
                    help="policy specs, e.g. fora:interval=3 'toca:interval=3,fresh_ratio=0.1' l2c "
                         "(default: one setting of each of FORA, ToCa, L2C)")
     p.add_argument("--no-progress", action="store_true", help="hide the per-step progress bars")
+    from stepcache.cli.bench import add_policy_file_options
+
+    add_policy_file_options(p)
     p.set_defaults(func=run)
 
 
@@ -29,9 +32,11 @@ def run(args) -> int:
     from stepcache.bench.records import markdown_table
     from stepcache.bench.runner import RunSettings
 
-    from stepcache.cli.bench import _check_specs
+    from stepcache.cli.bench import _check_specs, with_policy_file
     from stepcache.cli.common import check_output_dir
 
+    if args.policy is not None or args.force:
+        args.policies = with_policy_file(args.policies or DEMO_SPECS, args)
     if args.policies:
         _check_specs(args.policies)
     check_output_dir(args.out_dir)

@@ -45,6 +45,9 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", default="none", metavar="METHOD[:k=v,...]", type=_cache_spec,
                    help=f"caching method: {', '.join(menu())} (default: %(default)s); settings may follow as "
                         "'fora:interval=3' or as the flags below")
+    g.add_argument("--policy", type=Path, default=None, metavar="FILE",
+                   help="a policy file written by `stepcache tune` (instead of --cache)")
+    g.add_argument("--force", action="store_true", help="use a --policy tuned for another model, sampler or steps")
     taken = set(parser._option_string_actions)
     dests = {}
     for name, per_method in sorted(_settings().items()):
@@ -141,12 +144,24 @@ def build_policy(args, model=None):
     ``model``, checks it against the model, the step count and the sampler.
     """
     method, params = chosen_settings(args)
+    if getattr(args, "policy", None) is not None:
+        return _from_file(args, method, params, model)
     if method == "none":
         return None
     if method == "l2c":  # the router is a file, read (and checked) by L2C.from_checkpoint
         return _l2c(args, params, model)
     params = {k: convert(method, k, v) for k, v in params.items()}
     return PolicyConfig.from_dict({"method": method, **params})
+
+
+def _from_file(args, method: str, params: dict, model):
+    """``--policy FILE``: checked against the sampler and step count, and against the model once loaded."""
+    from stepcache.policy_file import load_policy
+
+    if method != "none" or params:
+        raise ConfigError("--policy FILE replaces --cache and its settings; give one or the other.")
+    return load_policy(args.policy, model=model, sampler=args.sampler, num_steps=args.num_sampling_steps,
+                       force=args.force)
 
 
 def _l2c(args, params: dict, model):

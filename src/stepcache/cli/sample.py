@@ -14,6 +14,8 @@ import torch
 from stepcache.cli.common import (add_cache_options, build_policy, check_guidance_and_interval, check_output_dir,
                                   decode_latents, environment, finite_float, load_model, positive_int, save_grid,
                                   seed_int, to_uint8, write_json)
+from stepcache.cli.sample_video import add_video_options, is_video_model
+from stepcache.cli.sample_video import run as run_video
 from stepcache.errors import ConfigError
 from stepcache.io import atomic_write
 
@@ -24,7 +26,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample class-conditional images, optionally cached",
                        description=__doc__.splitlines()[0])
     p.add_argument("--model", default="DiT-XL/2", help="DiT preset (DiT-XL/2, DiT-S/4, ...), U-ViT preset "
-                   "(U-ViT-H/2, ...; with --ckpt) or 'embedded' (default: %(default)s)")
+                   "(U-ViT-H/2, ...; with --ckpt), STDiT3-XL/2 (OpenSora v1.2 video, see the video options) or "
+                   "'embedded' (default: %(default)s)")
     p.add_argument("--ckpt", default=None, help="checkpoint file (.pt or .safetensors); default: the official one")
     p.add_argument("--random-weights", action="store_true", help="random weights (timing only, no checkpoint)")
     p.add_argument("--image-size", type=int, choices=(256, 512), default=256, help="(default: %(default)s)")
@@ -40,6 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("samples"), help="(default: %(default)s)")
     p.add_argument("--no-baseline", action="store_true", help="do not also run uncached for speedup/fidelity")
     add_cache_options(p)
+    add_video_options(p)
     p.set_defaults(func=run)
 
 
@@ -66,6 +70,8 @@ def _timed_sample(model, noise, labels, args, policy):
 def run(args) -> int:
     """Everything that can be refused is refused before the first sampling step (an uncached DiT-XL/2
     DDPM-250 baseline takes minutes): options, output folder, model, and the policy against the model."""
+    if is_video_model(args.model):
+        return run_video(args)
     check_guidance_and_interval(args)
     check_output_dir(args.out_dir)
     build_policy(args)  # bad caching options fail before the model is loaded

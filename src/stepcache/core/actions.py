@@ -30,6 +30,8 @@ class Partial:
 
     index: torch.Tensor  # (B, k) int64, per batch row
     need_map: bool = False  # also produce the attention map of those k queries, (B, k, L), for scoring
+    base: torch.Tensor | None = None  # the output the k tokens are written into (a forecast); None: the cache
+    macs: int = 0  # the policy's work to make ``base``
 
     kind = "partial"
 

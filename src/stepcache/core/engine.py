@@ -317,7 +317,8 @@ class CacheHandle:
         elif kind == "partial":
             if tokens is None:
                 raise StepcacheError(f"branch {name!r} does not support token-wise recomputation.")
-            out = self._cached(site)
+            out = self._cached(site) if action.base is None else action.base
+            self._stats.add_policy(action.macs)
             index = action.index  # (B, k)
             k, label = index.shape[1], "partial"
             attn_map = None

@@ -19,12 +19,28 @@ multiply-adds per element, counted as the policy's work.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from stepcache.core.actions import COMPUTE, Emit
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError, ModelMismatchError
+
+
+SCHEDULES_FILE = Path(__file__).resolve().parents[1] / "assets" / "forecast_schedules.json"
+
+
+def learned_schedule(name: str, order: int | None = None) -> "Forecast":
+    """A shipped learned schedule by name (``scripts/learn_forecast_schedules.py`` writes them), e.g.
+    ``learned_schedule("embedded-ddim50-cfg4-K15")``."""
+    table = json.loads(SCHEDULES_FILE.read_text())["schedules"] if SCHEDULES_FILE.is_file() else {}
+    if name not in table:
+        raise ConfigError(f"No learned Forecast schedule {name!r}; shipped: {', '.join(sorted(table)) or 'none'}.")
+    entry = table[name]
+    return Forecast(full_steps=tuple(entry["full_steps"]), num_steps=entry["num_steps"],
+                    order=entry["order"] if order is None else order)
 
 
 def spaced_schedule(num_steps: int, num_full: int, power: float) -> tuple[int, ...]:

@@ -114,6 +114,10 @@ class L2C(PolicyConfig):
     threshold: float = 0.1
     method: ClassVar[str] = "l2c"
 
+    @classmethod
+    def search_space(cls) -> dict[str, list]:
+        return {"threshold": [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]}  # the router comes from the run's context
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "router", _as_rows(self.router))
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \

@@ -51,14 +51,14 @@ from stepcache.errors import ConfigError
 from stepcache.policies import toca_scores as S
 from stepcache.core.context import ModelInfo
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
-from stepcache.core.actions import COMPUTE, COMPUTE_WITH_MAP, COMPUTE_WITH_VALUES, REUSE, Partial
+from stepcache.core.actions import COMPUTE, COMPUTE_WITH_MAP, COMPUTE_WITH_VALUES, REUSE, Emit, Partial
 
 SCHEDULES = ("ToCa-ddpm250", "ToCa-ddim50", "constant", "linear", "exp", "layerwise", "linear-layerwise",
              "linear-mode", "ToCa-pixart")
 # (step weight, layer weight) of the schedules of the form ratio * layer_f * step_f * module_f.
 _PRODUCT_WEIGHTS = {"ToCa-ddpm250": (0.4, 0.8), "ToCa-ddim50": (2.0, -0.2), "linear-layerwise": (0.4, 0.8)}
 DECISIONS = ("reference", "per-step")
-VARIANTS = ("auto", "dit", "pixart")
+VARIANTS = ("auto", "dit", "pixart", "opensora")  # opensora: policies/toca_opensora.py
 # Settings a ToCa() leaves unset (None) take the reference's values of the variant in use.
 VARIANT_DEFAULTS = {
     "dit": {"fresh_ratio": 0.07, "schedule": "ToCa-ddim50", "bonus": 0.6, "bonus_grid": 2},
@@ -87,6 +87,9 @@ class ToCa(PolicyConfig):
     decision: ``"reference"`` (interval re-decided at layer 0, mixed steps) or ``"per-step"``.
     variant: ``"auto"`` (PixArt rules on diffusers' PixArt transformer, DiT rules elsewhere),
         ``"dit"`` or ``"pixart"``.
+    forecast: DiT rules only (stepcache's composition, not in the reference): on partial steps the
+        attention output and the MLP tokens that are not recomputed come from a linear extrapolation of
+        the last two full steps' outputs instead of the cache; the recomputed tokens are written into it.
     """
 
     interval: int = 3
@@ -98,7 +101,12 @@ class ToCa(PolicyConfig):
     bonus_grid: int | None = None
     decision: str = "reference"
     variant: str = "auto"
+    forecast: bool = False
     method: ClassVar[str] = "toca"
+
+    @classmethod
+    def search_space(cls) -> dict[str, list]:
+        return {"interval": [2, 3, 4, 5, 6], "fresh_ratio": [0.05, 0.1, 0.2, 0.3]}
 
     def __post_init__(self) -> None:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
@@ -125,6 +133,8 @@ class ToCa(PolicyConfig):
         """This config with ``variant`` ("dit" or "pixart") and its defaults for the unset settings."""
         unset = {k: v for k, v in VARIANT_DEFAULTS[variant].items() if getattr(self, k) is None}
         cfg = replace(self, variant=variant, **unset)
+        if variant != "dit" and cfg.forecast:
+            raise ConfigError("ToCa forecast=True is a composition of the DiT rules; use variant='dit' or forecast=False.")
         if variant == "pixart":
             if cfg.schedule in DIT_ONLY_SCHEDULES:
                 raise ConfigError(f"ToCa schedule {cfg.schedule!r} is DiT's; the PixArt variant takes one of "
@@ -249,6 +259,14 @@ class ToCaPolicy(Policy):
     """Per-run state: refresh interval, per-layer staleness counters (rows, T) int32, and the
     score inputs of the last full step (attention received or value norms, (rows, T))."""
 
+    def __new__(cls, config: ToCa, info: ModelInfo):
+        """STDiT3 (or variant="opensora") gets the OpenSora variant's handler (policies/toca_opensora.py)."""
+        from stepcache.policies import toca_opensora as opensora
+
+        if config.variant == "opensora" or (config.variant == "auto" and info.variant == "opensora"):
+            return opensora.OpenSoraToCaPolicy(config, info)
+        return super().__new__(cls)
+
     needs_input: ClassVar[tuple] = ("mlp", "cross")  # scored from the branch input; others may be decided ahead
 
     def __init__(self, config: ToCa, info: ModelInfo):
@@ -309,7 +327,7 @@ class ToCaPolicy(Policy):
             full = self.block_full(ctx.i, ctx.num_steps, layer)
             self.state.block_flags[layer] = full
             if not full:
-                return REUSE
+                return self._extrapolated(ctx, view) if self.config.forecast else REUSE
             score = self.config.score if self.config.fresh_ratio > 0 else None  # R = 0: exactly FORA
             return COMPUTE_WITH_MAP if score in S.MAP_SCORES else COMPUTE_WITH_VALUES if score == "kv-norm" \
                 else COMPUTE
@@ -318,7 +336,33 @@ class ToCaPolicy(Policy):
             self.state.counters[layer] = None
             return COMPUTE
         index = self.state.cross_index.pop(layer, None)
-        return Partial(self.select(ctx, layer, branch) if index is None else index)
+        index = self.select(ctx, layer, branch) if index is None else index
+        if self.config.forecast:
+            base = self._extrapolated(ctx, view)
+            if base.kind == "emit":
+                return Partial(index, base=base.tensor, macs=base.macs)
+        return Partial(index)
+
+    def _extrapolated(self, ctx, view):
+        """``forecast=True``: the site's output at this step extrapolated linearly from its last two full
+        steps (Emit), or Reuse while only one is known."""
+        slots = view.memory
+        if "prev" not in slots:
+            return REUSE
+        (s0, f0), (s1, f1) = slots["prev"], slots["last"]
+        w = (ctx.progress - s1) / (s1 - s0)
+        out = f1 * (1 + w)
+        out.add_(f0, alpha=-w)
+        return Emit(out, macs=2 * f1.numel())
+
+    def _remember(self, ctx, site, result) -> None:
+        """Keep the last two full-step outputs of a site (``forecast=True``)."""
+        slots = result.memory
+        if result.index is not None or slots.get("last", (None,))[0] == ctx.progress:
+            return
+        if "last" in slots:
+            slots["prev"] = slots["last"]
+        slots["last"] = (ctx.progress, result.output.clone())
 
     def _decide_pixart(self, ctx, layer: int, branch: str):
         """PixArt variant: "attn" decides the block; "cross" and "mlp" each pick their own top-k tokens."""
@@ -340,6 +384,8 @@ class ToCaPolicy(Policy):
     def observe(self, ctx, site, result) -> None:
         layer, branch = site.layer, site.name
         attn_map, values, index = result.attn_map, result.values, result.index
+        if self.config.forecast and branch in ("attn", "mlp"):
+            self._remember(ctx, site, result)
         if self.pixart and branch == "cross" and attn_map is not None:
             shared = self._shared_rows(attn_map.shape[0])
             fresh = S.cross_entropy(attn_map, shared)  # (rows or pairs, T or k)

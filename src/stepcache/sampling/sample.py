@@ -20,7 +20,7 @@ from stepcache.sampling.samplers import SAMPLERS
 def _check(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int, sampler: str, cfg_scale: float,
            guide_channels) -> int:
     if sampler not in SAMPLERS:
-        raise ConfigError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+        raise ConfigError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}, rflow.")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
     if not math.isfinite(cfg_scale) or cfg_scale < 1.0:  # NaN compares False: it would sample unguided
@@ -49,7 +49,7 @@ def _check(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int, sam
 @torch.no_grad()
 def sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 250, sampler: str = "ddpm",
            cfg_scale: float = 1.5, policy=None, *, guide_channels=None, generator: torch.Generator | None = None,
-           progress: bool = False, return_stats: bool = False):
+           progress: bool = False, return_stats: bool = False, **video):
     """Sample latents of the n conditional samples; ``noise`` (n, C, H, W), ``labels`` (n,).
 
     With ``cfg_scale > 1`` the batch is ``[cond; uncond]`` (2n rows) as in DiT, guided on the first
@@ -57,7 +57,21 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 25
     ``FORA(3)``) is applied for this call and removed afterwards; a handle already installed with
     ``stepcache.apply`` is driven as well. Per-step noise comes from the global torch RNG unless a
     ``generator`` is given.
+
+    ``sampler="rflow"`` is OpenSora's rectified flow for text-to-video models (:mod:`stepcache.sampling.rflow`):
+    ``labels`` are then the T5 features (n, 1, L, C) and ``video`` takes ``mask``, ``height``, ``width``,
+    ``num_frames`` and ``fps``.
     """
+    if sampler == "rflow":
+        from stepcache.sampling.rflow import VIDEO_OPTIONS, rflow_sample
+
+        unknown = sorted(set(video) - set(VIDEO_OPTIONS))
+        if unknown:
+            raise ConfigError(f"Unknown rflow option(s) {', '.join(unknown)}; choose from {', '.join(VIDEO_OPTIONS)}.")
+        return rflow_sample(model, noise, labels, num_steps, cfg_scale, policy, progress=progress,
+                            return_stats=return_stats, **video)
+    if video:
+        raise ConfigError(f"sampler {sampler!r} takes no {', '.join(sorted(video))}; those are for 'rflow'.")
     if solver_sample.handles(model, sampler):  # DPM-Solver++(2S), and U-ViT under any sampler
         return solver_sample.sample_family(model, noise, labels, num_steps, sampler, cfg_scale, policy,
                                            guide_channels=guide_channels, generator=generator, progress=progress,

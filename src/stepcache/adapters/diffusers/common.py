@@ -61,7 +61,8 @@ class Site:
 
 @dataclass(frozen=True)
 class BlockGroup:
-    """A ``ModuleList`` of blocks (``attr`` on the transformer) and the sites of each of its blocks.
+    """The blocks of one class (``block_class``, found through ``named_modules()`` in registration order, so a
+    family is a declaration whatever its module lists are called) and the sites of each of its blocks.
 
     ``stream``: how a block takes and returns its hidden states, for spans of blocks:
     ``"hidden"`` — ``block(hidden_states, ...) -> hidden_states``; ``"pair"`` —
@@ -69,7 +70,7 @@ class BlockGroup:
     (SD3, FLUX). A span's residual of pair blocks is [image; text] along dim 1 (image tokens first).
     """
 
-    attr: str
+    block_class: str
     sites: tuple[Site, ...]
     stream: str = "hidden"
 
@@ -190,7 +191,12 @@ class DiffusersAdapter(Adapter):
         return tuple(names)
 
     def blocks(self, model) -> list[tuple[nn.Module, BlockGroup]]:
-        return [(block, g) for g in self.groups for block in getattr(model, g.attr)]
+        """(block, its group) in execution order: the groups in declaration order, each group's blocks in the
+        order the model registered them."""
+        found = []
+        for g in self.groups:
+            found += [(m, g) for _, m in model.named_modules() if type(m).__name__ == g.block_class]
+        return found
 
     def default_grid(self, model) -> tuple[int, int]:
         cfg = model.config

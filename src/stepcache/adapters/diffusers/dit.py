@@ -16,7 +16,7 @@ from stepcache.adapters.diffusers.common import BlockGroup, DiffusersAdapter, Si
 class DiffusersDiTAdapter(DiffusersAdapter):
     family = "diffusers.DiTTransformer2DModel"
     class_names = ("DiTTransformer2DModel",)
-    groups = (BlockGroup("transformer_blocks", (Site("attn", "attn1", "self"),
+    groups = (BlockGroup("BasicTransformerBlock", (Site("attn", "attn1", "self"),
                                                 Site("mlp", "ff", "token", norm="norm3"))),)
     cfg_layout = "cond_first"
     image_modules = ("pos_embed", "proj_out_1", "proj_out_2")

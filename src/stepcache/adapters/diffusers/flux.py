@@ -52,9 +52,9 @@ class FluxAdapter(DiffusersAdapter):
     family = "diffusers.FluxTransformer2DModel"
     class_names = ("FluxTransformer2DModel",)
     groups = (
-        BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "ff", "token"),
+        BlockGroup("FluxTransformerBlock", (Site("attn", "attn", "joint"), Site("mlp", "ff", "token"),
                                           Site("context_mlp", "ff_context", "text")), stream="pair"),
-        BlockGroup("single_transformer_blocks", (Site("attn", "attn", "joint"), Site("mlp", "proj_mlp", "split")),
+        BlockGroup("FluxSingleTransformerBlock", (Site("attn", "attn", "joint"), Site("mlp", "proj_mlp", "split")),
                    stream="pair"),
     )
     timestep_scale = 1000.0

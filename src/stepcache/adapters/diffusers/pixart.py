@@ -20,7 +20,7 @@ class PixArtAdapter(DiffusersAdapter):
     family = "diffusers.PixArtTransformer2DModel"
     class_names = ("PixArtTransformer2DModel",)
     variant = "pixart"  # ToCa's reference has a PixArt variant
-    groups = (BlockGroup("transformer_blocks", (Site("attn", "attn1", "self", norm="norm1"),
+    groups = (BlockGroup("BasicTransformerBlock", (Site("attn", "attn1", "self", norm="norm1"),
                                                 Site("cross", "attn2", "cross"),
                                                 Site("mlp", "ff", "token", norm="norm2"))),)
     cfg_layout = "uncond_first"

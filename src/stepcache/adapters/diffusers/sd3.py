@@ -29,7 +29,7 @@ class SD3Adapter(DiffusersAdapter):
     family = "diffusers.SD3Transformer2DModel"
     class_names = ("SD3Transformer2DModel",)
     capabilities = frozenset({"value_norms"})  # joint attention: no attention map
-    groups = (BlockGroup("transformer_blocks", (Site("attn", "attn", "joint"), Site("attn2", "attn2", "self"),
+    groups = (BlockGroup("JointTransformerBlock", (Site("attn", "attn", "joint"), Site("attn2", "attn2", "self"),
                                                 Site("mlp", "ff", "token", norm="norm2"),
                                                 Site("context_mlp", "ff_context", "text", norm="norm2_context")),
                          stream="pair"),)
