@@ -53,7 +53,7 @@ from frontier_report import evaluate_claims, markdown, plot, print_claims  # noq
 # method -> settings; a method the registry does not know (yet) is skipped and listed as such.
 STEPCACHE_SETTINGS = {
     "fora": [{"interval": n} for n in (2, 3, 4)],
-    "toca": [{"interval": 3, "fresh_ratio": 0.1}],
+    "toca": [{"interval": 3, "fresh_ratio": 0.1}, {"interval": 3, "fresh_ratio": 0.1, "forecast": True}],
     "l2c": [{"threshold": 0.1}],  # the shipped DDIM-50 router
     "taylorseer": [{"interval": n, "order": k} for n, k in ((3, 1), (4, 2), (5, 2))],
     "forecast": [{"num_full": k, "order": 2} for k in (12, 15, 18, 20, 25)],  # spaced schedule, power 2
