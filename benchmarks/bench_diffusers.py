@@ -45,6 +45,7 @@ import stepcache  # noqa: E402
 from stepcache import FORA, ToCa  # noqa: E402
 from stepcache.adapters.diffusers.common import linear_macs  # noqa: E402
 from stepcache.adapters.diffusers.pixart import PixArtAdapter  # noqa: E402
+from stepcache.sampling.precision import synchronize  # noqa: E402
 from helpers import randomize  # noqa: E402
 
 
@@ -235,8 +236,10 @@ def timed_call(install, pipe, inputs) -> float:
     remove, _, reset = install()
     try:
         (reset or (lambda: None))()
+        synchronize(pipe.transformer.device)
         t0 = time.perf_counter()
         pipe(**inputs)
+        synchronize(pipe.transformer.device)
         return time.perf_counter() - t0
     finally:
         remove()

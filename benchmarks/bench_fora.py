@@ -19,12 +19,15 @@ import torch
 
 import stepcache
 from stepcache.cli.common import environment, randomize_
+from stepcache.sampling.precision import synchronize
 
 
 def timed(model, z, y, steps, sampler, policy):
     torch.manual_seed(1)
+    synchronize(z.device)
     start = time.perf_counter()
     _, stats = stepcache.sample(model, z, y, steps, sampler, 1.5, policy or stepcache.NoCache(), return_stats=True)
+    synchronize(z.device)
     return time.perf_counter() - start, stats
 
 

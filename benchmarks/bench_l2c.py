@@ -24,6 +24,7 @@ import torch
 import stepcache
 from stepcache.cli.common import environment, randomize_
 from stepcache.eval.fidelity import fidelity
+from stepcache.sampling.precision import synchronize
 from stepcache.policies.l2c import L2C, active_units, cache_steps, save_router
 from stepcache.training.l2c_data import RouterData, load_data
 from stepcache.training.l2c import RouterTrainConfig, model_identity, router_mse, train_router
@@ -60,9 +61,11 @@ def random_router(like: torch.Tensor, skipped: int, seed: int) -> torch.Tensor:
 
 
 def run_sample(model, z, y, steps, sampler, cfg_scale, policy):
+    synchronize(z.device)
     start = time.perf_counter()
     out, stats = stepcache.sample(model, z, y, steps, sampler, cfg_scale, policy or stepcache.NoCache(),
                                   generator=torch.Generator().manual_seed(1), return_stats=True)
+    synchronize(z.device)
     return out, stats, time.perf_counter() - start
 
 

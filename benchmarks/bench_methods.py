@@ -26,6 +26,7 @@ from stepcache.bench.methods import build_policy
 from stepcache.bench.records import environment
 from stepcache.cli.common import randomize_
 from stepcache.core.policy import PolicyConfig
+from stepcache.sampling.precision import synchronize
 
 SPECS = ("fora:interval=3", "taylorseer:interval=3,order=1", "taylorseer:interval=3,order=2",
          "forecast:num_full=17,power=0.7,order=2", "fbcache:threshold=0.2", "dbcache:front=1,threshold=0.2,warmup=4",
@@ -34,8 +35,10 @@ SPECS = ("fora:interval=3", "taylorseer:interval=3,order=1", "taylorseer:interva
 
 def timed(model, z, y, args, policy):
     torch.manual_seed(1)
+    synchronize(z.device)
     start = time.perf_counter()
     _, stats = stepcache.sample(model, z, y, args.steps, args.sampler, 1.5, policy, return_stats=True)
+    synchronize(z.device)
     return time.perf_counter() - start, stats
 
 

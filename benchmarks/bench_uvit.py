@@ -28,13 +28,16 @@ import stepcache  # noqa: E402
 from stepcache.cli.common import environment  # noqa: E402
 from stepcache.policies.l2c import load_router  # noqa: E402
 from stepcache.policies.l2c_dpm import staged_active_units  # noqa: E402
+from stepcache.sampling.precision import synchronize  # noqa: E402
 from tests.helpers import tiny_uvit  # noqa: E402
 
 
 def timed(model, z, y, steps, policy):
+    synchronize(z.device)
     start = time.perf_counter()
     out, stats = stepcache.sample(model, z, y, num_steps=steps, sampler="dpm-solver++2s", cfg_scale=1.4,
                                   policy=policy, return_stats=True)
+    synchronize(z.device)
     return out, stats, time.perf_counter() - start
 
 

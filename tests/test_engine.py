@@ -127,7 +127,7 @@ def test_memory_is_counted_and_summary_is_a_table(one_thread):
         table = stepcache.summary(model, details=True)
     rows, T, D = 4, model.num_tokens, 64
     assert stats.peak_cache_bytes == 2 * 4 * rows * T * D * 4  # attn + mlp of 4 layers, float32
-    assert "FORA(interval=2)" in table and "cache memory" in table and "step" in table
+    assert "FORA(interval=2)" in table and "cache memory" in table and "step" in table and "wall time" in table
     assert "removed" in repr(handle)
     assert stepcache.remove(model) is False  # already removed by the context manager
 

@@ -87,3 +87,20 @@ def test_learn_schedule_improves_on_the_spaced_start(one_thread):
     spaced_best = max(p for steps, p in found.tried if steps in {spaced_schedule(10, 5, q) for q in
                                                                  POWERS})
     assert found.psnr >= spaced_best and found.tried[0][1] == found.psnr
+
+
+def test_shipped_learned_schedules_load_and_beat_the_spaced_ones_on_their_held_out_seeds():
+    import json
+
+    from stepcache.policies.forecast import SCHEDULES_FILE, learned_schedule
+
+    table = json.loads(SCHEDULES_FILE.read_text())["schedules"]
+    assert {"embedded-ddim50-cfg4-K12", "embedded-ddim50-cfg4-K15"} <= set(table)
+    policy = learned_schedule("embedded-ddim50-cfg4-K15")
+    assert policy.full_steps == tuple(table["embedded-ddim50-cfg4-K15"]["full_steps"]) and policy.num_steps == 50
+    assert stepcache.PolicyConfig.from_dict(policy.to_dict()) == policy
+    assert Forecast(learned="embedded-ddim50-cfg4-K15") == policy
+    for entry in table.values():
+        assert entry["held_out_psnr"] > 40 and len(entry["full_steps"]) == int(entry["mac_ratio"] * 50 + 0.5)
+    with pytest.raises(ConfigError, match="No learned Forecast schedule"):
+        Forecast(learned="nosuch")

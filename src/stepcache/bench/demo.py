@@ -38,7 +38,9 @@ def image_grid(images: torch.Tensor, columns: int = 10) -> np.ndarray:
 
 def save_grids(named_images: list[tuple[str, torch.Tensor]], path: Path) -> Path:
     """The methods' grids side by side with their labels; a PNG."""
-    import matplotlib
+    from stepcache.errors import require
+
+    matplotlib = require("matplotlib", "Plotting")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -54,12 +56,14 @@ def save_grids(named_images: list[tuple[str, torch.Tensor]], path: Path) -> Path
     return path
 
 
-def run_demo(out_dir: Path, settings: RunSettings, specs=DEMO_SPECS, log=print, progress: bool = True) -> dict:
-    """Sample every runnable method on the embedded model; returns the records and written files."""
+def run_demo(out_dir: Path, settings: RunSettings, specs=DEMO_SPECS, log=print, progress: bool = True,
+             device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Sample every runnable method on the embedded model (on ``device``, in ``dtype``); returns the records
+    and written files."""
     settings.validate()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded = load_model("embedded")
+    loaded = load_model("embedded", device, dtype)
     noise, labels = make_inputs(loaded.model, settings.num_samples, settings.seed)
     policies = [build_policy("none", settings.num_steps, settings.sampler)]
     policies += [build_policy(s, settings.num_steps, settings.sampler)

@@ -112,7 +112,9 @@ def pareto_front(records: list[dict], quality: str = "ssim") -> list[dict]:
 
 def pareto_plot(records: list[dict], path: Path, quality: str = "ssim", title: str = "") -> Path:
     """Scatter of measured speedup vs ``quality`` per method, with each method's Pareto front; a PNG."""
-    import matplotlib
+    from stepcache.errors import require
+
+    matplotlib = require("matplotlib", "Plotting")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

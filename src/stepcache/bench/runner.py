@@ -18,6 +18,7 @@ from stepcache.bench.methods import policy_key_dict, policy_label
 from stepcache.bench.records import config_key, environment
 from stepcache.errors import ConfigError
 from stepcache.eval.fidelity import fidelity
+from stepcache.sampling.precision import synchronize
 from stepcache.sampling.sample import sample
 
 
@@ -40,23 +41,33 @@ class RunSettings:
             raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}.")
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def make_inputs(model, num_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (n, C, H, W), image k from generator ``seed + k``; labels k mod num_classes."""
+    """Noise (n, C, H, W) float32, image k from generator ``seed + k`` (drawn on the CPU, so every device
+    gets the same noise) and labels k mod num_classes, both on the model's device."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
                          for k in range(num_samples)])
     labels = torch.arange(num_samples) % cfg.num_classes
-    return noise, labels
+    device = model_device(model)
+    return noise.to(device), labels.to(device)
 
 
 def run_once(model, noise, labels, settings: RunSettings, policy, steps=None, progress=False):
-    """(images, CacheStats, seconds) of one sampling run."""
-    gen = torch.Generator().manual_seed(settings.seed)
+    """(images (float32, on the CPU), CacheStats, seconds) of one sampling run; on a GPU the clock waits for
+    the queued kernels at both ends."""
+    gen = torch.Generator(device=noise.device).manual_seed(settings.seed)
+    synchronize(noise.device)
     t0 = time.perf_counter()
     images, stats = sample(model, noise, labels, steps or settings.num_steps, settings.sampler,
                            settings.cfg_scale, policy, generator=gen, progress=progress, return_stats=True)
-    return images, stats, time.perf_counter() - t0
+    synchronize(noise.device)
+    seconds = time.perf_counter() - t0
+    return images.float().cpu(), stats, seconds
 
 
 def timed(model, noise, labels, settings: RunSettings, policy, progress=False):
@@ -76,6 +87,7 @@ def timed(model, noise, labels, settings: RunSettings, policy, progress=False):
 def quality(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None, judge: bool) -> dict:
     """PSNR / SSIM vs ``reference`` (same seeds) and, for digit images, the judge's scores."""
     out = {}
+    labels = labels.cpu()
     if reference is not None:
         out.update(fidelity(images, reference))
     if judge:

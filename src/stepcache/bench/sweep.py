@@ -29,19 +29,28 @@ class LoadedModel:
     embedded: bool          # digits model: the judge applies
 
 
-def load_model(name: str) -> LoadedModel:
-    """``"embedded"`` (default) or a native DiT checkpoint path / official name."""
+def load_model(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """``"embedded"`` (default) or a native DiT checkpoint path / official name, on ``device`` in ``dtype``.
+
+    The record key names the device and dtype when they are not the CPU and float32 (so records made
+    before these options existed keep their keys)."""
     from stepcache.models.dit import config_dict
 
     if name == "embedded":
         from stepcache.models.embedded import WEIGHTS_FILE, load_embedded
 
-        model = load_embedded()
-        return LoadedModel(model, {"name": "embedded", "bytes": WEIGHTS_FILE.stat().st_size}, True)
-    from stepcache.models.dit import DiT
+        model, model_id, embedded = load_embedded(), {"name": "embedded", "bytes": WEIGHTS_FILE.stat().st_size}, True
+    else:
+        from stepcache.models.dit import DiT
 
-    model = DiT.from_pretrained(name).eval()
-    return LoadedModel(model, {"name": str(name), **config_dict(model)}, False)
+        model = DiT.from_pretrained(name).eval()
+        model_id, embedded = {"name": str(name), **config_dict(model)}, False
+    device = torch.device(device)
+    if device.type != "cpu":
+        model_id["device"] = device.type
+    if dtype != torch.float32:
+        model_id["dtype"] = str(dtype).removeprefix("torch.")
+    return LoadedModel(model.to(device=device, dtype=dtype), model_id, embedded)
 
 
 def runnable_specs(specs, settings: RunSettings, embedded: bool, log=print) -> list[str]:

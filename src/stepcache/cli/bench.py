@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepcache.cli.common import add_sampling_options, check_output_dir, positive_int
+from stepcache.cli.common import add_device_options, add_sampling_options, check_output_dir, placement, positive_int
 
 
 def _check_specs(specs) -> None:
@@ -55,6 +55,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench.jsonl"), help="JSONL results file")
     p.add_argument("--report-dir", type=Path, default=None, help="table + plot folder (default: beside --out)")
     p.add_argument("--progress", action="store_true", help="show per-step progress bars")
+    add_device_options(p)
     p.set_defaults(func=run)
 
 
@@ -69,6 +70,7 @@ def run(args) -> int:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}.")
     args.policies = with_policy_file(args.policies, args)
     _check_specs(args.policies)
+    device, dtype = placement(args)  # before anything is written
     check_output_dir(args.report_dir or args.out.parent, "--report-dir")
     if args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a folder, not a JSONL file.")
@@ -76,7 +78,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     settings = RunSettings(num_samples=args.num_samples, seed=args.seed, num_steps=args.num_sampling_steps,
                            sampler=args.sampler, cfg_scale=args.cfg_scale, warmup=args.warmup, repeats=args.repeats)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device, dtype)
     if not runnable_specs(args.policies, settings, loaded.embedded, log=lambda line: None):
         raise ConfigError(f"None of the policies {' '.join(args.policies)} can run on {args.model} with "
                           f"{args.sampler}-{args.num_sampling_steps}; nothing would be benchmarked but the baseline.")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stepcache.cli.common import add_sampling_options, load_model, positive_int
+from stepcache.cli.common import add_device_options, add_sampling_options, load_model, place, placement, positive_int
 from stepcache.errors import ConfigError
 
 
@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-samples", type=positive_int, default=8, help="calibration runs (one sample each)")
     add_sampling_options(p, steps=50, sampler="ddim", cfg=1.5, item="sample")
     p.add_argument("--out", type=Path, required=True, help="the calibration JSON to write")
+    add_device_options(p)
     p.set_defaults(func=run)
 
 
@@ -41,14 +42,18 @@ def _native_runs(args):
 
     if args.cfg_scale < 1:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
+    device, _ = placement(args)
     model, _ = load_model(args)
+    model = place(model, args)
 
     def run_k(k: int):
         g = torch.Generator().manual_seed(args.seed + k)
         noise = torch.randn(1, model.in_channels, model.input_size, model.input_size, generator=g)
         labels = torch.tensor([k % model.num_classes])
-        stepcache.sample(model, noise, labels, num_steps=args.num_sampling_steps, sampler=args.sampler,
-                         cfg_scale=args.cfg_scale, generator=g)
+        # the CPU keeps drawing the steps' noise from g; another device needs a generator of its own
+        steps_g = g if device.type == "cpu" else torch.Generator(device).manual_seed(args.seed + k)
+        stepcache.sample(model, noise.to(device), labels.to(device), num_steps=args.num_sampling_steps,
+                         sampler=args.sampler, cfg_scale=args.cfg_scale, generator=steps_g)
 
     return model, args.model, run_k
 
@@ -61,7 +66,8 @@ def _pipeline_runs(args):
         raise ConfigError("--pipeline needs diffusers (pip install 'stepcache[diffusers]').") from None
     if not args.pipeline.is_dir():
         raise ConfigError(f"--pipeline {args.pipeline} is not a folder holding a saved diffusers pipeline.")
-    pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), local_files_only=True)
+    device, dtype = placement(args)
+    pipe = DiffusionPipeline.from_pretrained(str(args.pipeline), local_files_only=True).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     class_conditional = type(pipe).__name__.startswith("DiT")
 

@@ -14,6 +14,7 @@ from stepcache.errors import CheckpointError, ConfigError
 # the file utilities live in stepcache.io; the subcommands (and older callers) import them from here too
 from stepcache.io import atomic_write, check_output_dir, save_grid, to_uint8, write_json  # noqa: F401
 from stepcache.cli.policy_flags import add_cache_options, build_policy, chosen_settings  # noqa: F401 - re-exported
+from stepcache.sampling.precision import synchronize  # noqa: F401 - re-exported for the subcommands
 
 
 
@@ -67,6 +68,49 @@ def check_guidance_and_interval(args) -> None:
     if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
     chosen_settings(args)
+
+
+# ---------------------------------------------------------------- device and dtype
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_device_options(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    """--device (default: CUDA when present, else the CPU) and --dtype fp32|bf16|fp16 (default fp32)."""
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    if dtype:
+        parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                            help="model weights and activations; the sampler stays float32 (default: %(default)s)")
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """The device ``--device`` names, checked against this machine; one sentence when it cannot be used."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {text!r}.") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {text!r}.")
+    if not torch.cuda.is_available():
+        raise ConfigError("CUDA is not available on this machine; use --device cpu.")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {text} does not exist: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s).")
+    return device
+
+
+def placement(args) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of ``--device`` / ``--dtype`` (fp32 where the subcommand has no --dtype)."""
+    return resolve_device(getattr(args, "device", None)), DTYPES[getattr(args, "dtype", None) or "fp32"]
+
+
+def place(model: torch.nn.Module, args) -> torch.nn.Module:
+    """The model moved to ``--device`` and cast to ``--dtype``."""
+    device, dtype = placement(args)
+    return model.to(device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------- models

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from stepcache.cli.common import (add_cache_options, build_policy, check_guidance_and_interval, check_output_dir,
-                                  decode_latents, environment, finite_float, load_model, positive_int, save_grid,
-                                  seed_int, to_uint8, write_json)
+from stepcache.cli.common import (add_cache_options, add_device_options, build_policy, check_guidance_and_interval,
+                                  check_output_dir, decode_latents, environment, finite_float, load_model, place,
+                                  placement, positive_int, save_grid, seed_int, synchronize, to_uint8, write_json)
 from stepcache.cli.sample_video import add_video_options, is_video_model
 from stepcache.cli.sample_video import run as run_video
 from stepcache.errors import ConfigError
@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
                    help="labels to sample (default: DiT's sample.py labels; digits 0..7 for the embedded model)")
     p.add_argument("--out-dir", type=Path, default=Path("samples"), help="(default: %(default)s)")
     p.add_argument("--no-baseline", action="store_true", help="do not also run uncached for speedup/fidelity")
+    add_device_options(p)
     add_cache_options(p)
     add_video_options(p)
     p.set_defaults(func=run)
@@ -59,12 +60,14 @@ def _timed_sample(model, noise, labels, args, policy):
     import stepcache
 
     torch.manual_seed(args.seed)  # per-step noise comes from the global RNG, as in DiT
+    synchronize(noise.device)
     start = time.perf_counter()
     latents, stats = stepcache.sample(
         model, noise, labels, num_steps=args.num_sampling_steps, sampler=args.sampler, cfg_scale=args.cfg_scale,
         policy=policy or stepcache.NoCache(), guide_channels="all" if args.guide_all_channels else None,
         progress=True, return_stats=True)
-    return latents, stats, time.perf_counter() - start
+    synchronize(noise.device)
+    return latents.float().cpu(), stats, time.perf_counter() - start
 
 
 def run(args) -> int:
@@ -73,18 +76,23 @@ def run(args) -> int:
     if is_video_model(args.model):
         return run_video(args)
     check_guidance_and_interval(args)
+    device, _ = placement(args)  # a device this machine lacks fails before anything is written or loaded
     check_output_dir(args.out_dir)
     build_policy(args)  # bad caching options fail before the model is loaded
     model, is_latent = load_model(args)
     _validate(args, model)
     policy = build_policy(args, model=model)
+    model = place(model, args)
     torch.manual_seed(args.seed)
     labels = torch.tensor(args.class_labels)
+    # drawn on the CPU (the same noise on every device), then moved; the sampler keeps float32 state
     noise = torch.randn(len(labels), model.in_channels, model.input_size, model.input_size)
+    noise, labels = noise.to(device), labels.to(device)
 
     record = {"command": "sample", "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
                                               if k != "func"},
-              "policy": policy.to_dict() if policy else {"method": "none"}, "environment": environment()}
+              "policy": policy.to_dict() if policy else {"method": "none"}, "environment": environment(),
+              "device": str(device), "dtype": args.dtype}
     baseline = None
     if policy is not None and not args.no_baseline:
         base_latents, base_stats, base_time = _timed_sample(model, noise, labels, args, None)
@@ -102,7 +110,7 @@ def run(args) -> int:
     images, why = (decode_latents(latents, args.vae) if is_latent else (latents, None))
     if images is None:
         latent_path = args.out_dir / f"{stem}.latents.pt"
-        atomic_write(latent_path, lambda f: torch.save({"latents": latents, "labels": labels}, f))
+        atomic_write(latent_path, lambda f: torch.save({"latents": latents, "labels": labels.cpu()}, f))
         print(f"Could not decode: {why}; saved the latents to {latent_path} instead of a PNG.")
         record["latents"] = str(latent_path)
     else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stepcache.cli.common import (add_cache_options, build_policy, check_guidance_and_interval, check_output_dir,
+from stepcache.cli.common import (add_cache_options, add_device_options, build_policy, placement, check_guidance_and_interval, check_output_dir,
                                   environment, finite_float, positive_int)
 from stepcache.errors import CheckpointError, ConfigError
 from stepcache.io import file_sha256
@@ -51,6 +51,7 @@ def add_parser(sub) -> None:
                    help="guidance scale, 1 = off (default: the embedded model's, or 1.5 as DiT's FID runs)")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels, not DiT's first 3")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+    add_device_options(p)
     add_cache_options(p)
     p.set_defaults(func=run)
 
@@ -144,11 +145,13 @@ def run(args) -> int:
     _defaults(args)
     if args.model != "embedded" and args.image_size % 8:
         raise ConfigError(f"--image-size must be a multiple of 8, got {args.image_size}.")
+    wanted, dtype = placement(args)  # a device this machine lacks fails before anything is written or loaded
     check_output_dir(args.out_dir)
     build_policy(args)  # bad caching options fail before the model is loaded
     model, is_latent = _load(args)
     policy = build_policy(args, model=model)  # a router for another model / sampler / step count fails now
-    rank, world, device = init_distributed()
+    model = model.to(dtype)
+    rank, world, device = init_distributed(wanted)
     decode = LatentDecoder(args.vae, device) if is_latent else to_uint8
     cfg = DDPSampleConfig(
         num_samples=args.num_samples, batch_size=args.per_proc_batch_size, global_seed=args.global_seed,
@@ -156,10 +159,10 @@ def run(args) -> int:
         model=args.model, policy=policy.to_dict() if policy else {"method": "none"},
         guide_channels="all" if args.guide_all_channels else None,
         image_size=args.image_size if is_latent else model.input_size, vae=args.vae if is_latent else None,
-        weights=_weights_identity(args, model))
+        weights=_weights_identity(args, model), dtype=args.dtype)
     extra = {"environment": environment(), "checkpoint": args.ckpt}
     run_rec = run_ddp_sampling(model, cfg, args.out_dir, decode, policy=policy or stepcache.NoCache(),
-                               progress=not args.no_progress, extra_record=extra)
+                               progress=not args.no_progress, extra_record=extra, device=wanted)
     if rank == 0:
         rate = run_rec.get("samples_per_second")
         print(f"{args.num_samples} samples in {args.out_dir / 'samples.npz'} ({run_rec['samples_sampled']} sampled "

@@ -59,20 +59,25 @@ def _text(args, model):
 
 def run(args) -> int:
     import stepcache
-    from stepcache.cli.common import build_policy, environment, write_json
+    from stepcache.cli.common import build_policy, environment, placement, synchronize, write_json
     from stepcache.models.stdit3 import STDiT3
     from stepcache.models.stdit3_io import OFFICIAL_REPO, load_stdit3
 
     for name, value in VIDEO_DEFAULTS.items():  # DiT's defaults do not fit OpenSora
         if getattr(args, name) == args.parser_defaults.get(name):
             setattr(args, name, value)
+    device, _ = placement(args)  # a device this machine lacks fails before the model is loaded
+    if getattr(args, "dtype", "fp32") != "fp32":
+        raise ConfigError("--dtype bf16/fp16 is not available for STDiT3 video models yet; use --dtype fp32.")
     policy = build_policy(args)
     if args.random_weights:
         model = STDiT3.from_preset(args.model)
         _randomize(model, args.seed)
     else:
         model = load_stdit3(args.ckpt or OFFICIAL_REPO, args.model)
+    model = model.to(device)
     y, mask = _text(args, model)
+    y, mask = y.to(device), mask.to(device)
     height, width = RESOLUTIONS[args.resolution]
     n = y.shape[0]
     frames = args.num_frames
@@ -81,12 +86,16 @@ def run(args) -> int:
     latent_frames = frames // 17 * 5 + -(-(frames % 17) // 4)  # OpenSora VAE: chunks of 17 -> 5, rest / 4 up
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(n, model.in_channels, latent_frames, height // 8, width // 8, generator=g)  # VAE: floor
+    noise = noise.to(device)  # drawn on the CPU: the same noise on every device
+    synchronize(device)
     start = time.perf_counter()
     latents, stats = stepcache.sample(model, noise, y, num_steps=args.num_sampling_steps, sampler="rflow",
                                       cfg_scale=args.cfg_scale, policy=policy or stepcache.NoCache(), mask=mask,
                                       height=height, width=width, num_frames=frames, fps=args.fps, progress=True,
                                       return_stats=True)
+    synchronize(device)
     seconds = time.perf_counter() - start
+    latents = latents.cpu()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"stdit3-{args.resolution}-{frames}f-seed{args.seed}"
     torch.save({"latents": latents, "height": height, "width": width, "num_frames": frames, "fps": args.fps},

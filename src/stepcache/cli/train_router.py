@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=100, help="(default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from stepcache.cli.common import add_device_options
+
+    add_device_options(p, dtype=False)  # the router trains in float32 against the float32 model
     p.set_defaults(func=run)
 
 
@@ -92,18 +95,21 @@ def run(args) -> int:
     for option, path in (("--out", args.out), ("--checkpoint", args.checkpoint)):
         if path is not None and path.is_dir():
             raise ConfigError(f"{option} {path} is a folder, not a file.")
+    from stepcache.cli.common import resolve_device
+
+    wanted = resolve_device(args.device)  # before anything is written
     check_output_dir(args.out.parent if str(args.out.parent) else Path("."), "the folder of --out")
     cfg = RouterTrainConfig(num_steps=args.num_steps, lam=args.lam, lr=args.lr, iters=args.iters,
                             batch_size=args.batch_size, seed=args.seed, ste_threshold=args.ste_threshold,
                             label_dropout=args.label_dropout, threshold=args.threshold,
                             checkpoint_every=args.checkpoint_every)
-    rank, _, device = init_distributed()
+    rank, _, device = init_distributed(wanted)
     model, latent, name = _load(args)
     model = model.to(device)
     data = load_data(args.data, model, latent=latent, vae=args.vae)
     checkpoint = args.checkpoint or args.out.with_suffix(".train.safetensors")
     result = train_router(model, data, cfg, checkpoint=checkpoint, resume=args.resume, model_name=name,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, device=device)
     if rank == 0:
         meta = save_router(args.out, result.logits, model=model_identity(model, name), sampler="ddim",
                            threshold=cfg.threshold, **{"lambda": cfg.lam}, lr=cfg.lr, iters=cfg.iters,

@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("policy.json"), help="policy file to write")
     p.add_argument("--out-dir", type=Path, default=None, help="records, report and plot (default: <out>_tune/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from stepcache.cli.common import add_device_options
+
+    add_device_options(p)
     p.set_defaults(func=run)
 
 
@@ -64,6 +67,9 @@ def run(args) -> int:
     from stepcache.tune.report import write_outputs
     from stepcache.tune.tuner import Tuner, TuneOptions
 
+    from stepcache.cli.common import placement
+
+    device, dtype = placement(args)  # before anything is loaded or written
     target = target_of(args)
     if args.cfg_scale < 1:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
@@ -83,7 +89,7 @@ def run(args) -> int:
                        speedup_basis=args.speedup_basis, methods=tuple(args.methods) if args.methods else None,
                        compare=tuple(args.compare), progress=not args.no_progress)
     run_spec = RunSpec(args.sampler, args.num_sampling_steps, args.cfg_scale)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, device, dtype)
     tuner = Tuner(loaded.model, args.model, run_spec, opts, out_dir, judge=loaded.embedded)
     result = tuner.tune()
     tuned_for = {"model": tuner.identity, "sampler": args.sampler, "num_steps": args.num_sampling_steps,

@@ -48,11 +48,13 @@ def train_router(args) -> int:
     cfg = StagedRouterTrainConfig(num_steps=args.num_steps, l1_weight=args.lam, lr=args.lr, iters=args.iters,
                                   batch_size=args.batch_size, seed=args.seed, label_dropout=args.label_dropout,
                                   threshold=args.threshold)
-    rank, _, device = init_distributed()
+    from stepcache.cli.common import resolve_device
+
+    rank, _, device = init_distributed(resolve_device(getattr(args, "device", None)))
     model, latent = load(args)
     model = model.to(device)
     data = load_data(args.data, model, latent=latent, vae=args.vae)
-    result = train_staged_router(model, data, cfg, progress=not args.no_progress)
+    result = train_staged_router(model, data, cfg, progress=not args.no_progress, device=device)
     if rank == 0:
         identity = {**model_identity(model, args.model), "family": "uvit"}
         save_router(args.out, result.logits, model=identity, sampler="dpm-solver++2s", threshold=cfg.threshold,

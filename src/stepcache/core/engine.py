@@ -8,6 +8,7 @@ model call; the adapter's hooks call ``before_call``, ``block`` (spans) and ``br
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -87,6 +88,7 @@ class CacheHandle:
         self._open: tuple | None = None  # (site, input) of the span being computed
         self._skip_to: int | None = None  # blocks below this index pass through (a reused span)
         self._skip_kind = "reuse"
+        self._started: float | None = None
 
     @property
     def has_spans(self) -> bool:
@@ -143,6 +145,7 @@ class CacheHandle:
         self.state.clear()
         self.ctx = None
         self._stats = CacheStats(num_tokens=self.info.num_tokens)
+        self._started = time.perf_counter()
         self.handler.reset(self.run)
 
     def set_step(self, ctx: StepContext) -> None:
@@ -158,6 +161,9 @@ class CacheHandle:
     def end_run(self) -> None:
         """Free the cached tensors; statistics stay readable until the next run."""
         self._stats.note_memory(self.state.nbytes())
+        if self.run is not None and self._started is not None:
+            self._stats.wall_s = time.perf_counter() - self._started  # host time (asynchronous GPU work aside)
+            self._started = None
         self.state.clear()
         self._call = self.state.call(0)
         self.ctx = None

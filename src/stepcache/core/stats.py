@@ -24,6 +24,7 @@ class CacheStats:
     macs_uncached: int = 0
     macs_policy: int = 0  # work of the policy itself (forecast arithmetic, indicators), inside macs_executed
     peak_cache_bytes: int = 0
+    wall_s: float | None = None  # from begin_run to end_run
     decisions: dict = field(default_factory=lambda: defaultdict(dict))
     kinds: dict = field(default_factory=lambda: defaultdict(dict))
 
@@ -124,6 +125,7 @@ class CacheStats:
             "ideal_speedup": self.ideal_speedup,
             "num_tokens": self.num_tokens,
             "peak_cache_bytes": self.peak_cache_bytes,
+            "wall_s": self.wall_s,
             "step_kinds": self.kind_counts(),
             "decisions": {str(i): dict(self.decisions[i]) for i in self.steps()},
         }
@@ -144,6 +146,8 @@ class CacheStats:
         for name, share in self.branch_shares().items():
             lines.append(f"  {name:<16} {share:.3f} of its token evaluations")
         lines.append(f"cache memory       {self.peak_cache_bytes / 2**20:.2f} MiB (peak)")
+        if self.wall_s is not None:
+            lines.append(f"wall time          {self.wall_s:.2f} s")
         if details:
             lines.append("step   kind      tokens computed (share)")
             for i in self.steps():

@@ -28,10 +28,9 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 
-from stepcache.errors import ConfigError
+from stepcache.errors import ConfigError, require
 
 __all__ = ["FeatureStats", "frechet_distance", "inception_score", "softmax", "manifold_radii", "precision_recall"]
 
@@ -110,7 +109,7 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
     """Principal matrix square root (scipy), tolerating scipy's warnings on singular input."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        root = scipy.linalg.sqrtm(a)
+        root = require("scipy.linalg", "The Frechet distance").sqrtm(a)
     return root[0] if isinstance(root, tuple) else root
 
 

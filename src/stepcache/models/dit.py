@@ -79,7 +79,9 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoid(t, self.frequency_size))
+        # the table is built in float32 (as the reference does) and cast to the weights' dtype at the boundary,
+        # so a bf16/fp16 model works and a float32 one is unchanged bit for bit
+        return self.mlp(self.sinusoid(t, self.frequency_size).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

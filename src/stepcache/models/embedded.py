@@ -37,7 +37,9 @@ DEFAULT_CFG = 4.0
 
 def _split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train / held-out indices, fixed by ``SPLIT_SEED``."""
-    from sklearn.model_selection import train_test_split
+    from stepcache.errors import require
+
+    train_test_split = require("sklearn.model_selection", "The digits data set").train_test_split
 
     idx = np.arange(len(labels))
     train, test = train_test_split(idx, test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED)
@@ -53,7 +55,9 @@ def upsample(images: torch.Tensor, resolution: int = RESOLUTION) -> torch.Tensor
 
 @lru_cache(maxsize=4)
 def _digits(split: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    from stepcache.errors import require
+
+    load_digits = require("sklearn.datasets", "The digits data set").load_digits
 
     data = load_digits()
     train, test = _split_indices(data.target)

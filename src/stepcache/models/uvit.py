@@ -265,7 +265,8 @@ class UViT(nn.Module):
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """Tokens (B, extras + T, D): [label, time, patches] plus the position table."""
         patches = self.patch_embed(x)  # (B, T, D)
-        time = self.time_embed(TimestepEmbedder.sinusoid(t, self.embed_dim))  # (B, D), t may be fractional
+        freq = TimestepEmbedder.sinusoid(t, self.embed_dim).to(patches.dtype)  # float32 table, model's dtype
+        time = self.time_embed(freq)  # (B, D), t may be fractional
         tokens = [time.unsqueeze(1), patches]
         if self.num_classes > 0:
             if y is None:

@@ -32,15 +32,17 @@ from stepcache.errors import ConfigError, ModelMismatchError
 SCHEDULES_FILE = Path(__file__).resolve().parents[1] / "assets" / "forecast_schedules.json"
 
 
-def learned_schedule(name: str, order: int | None = None) -> "Forecast":
-    """A shipped learned schedule by name (``scripts/learn_forecast_schedules.py`` writes them), e.g.
-    ``learned_schedule("embedded-ddim50-cfg4-K15")``."""
+def _learned_entry(name: str) -> dict:
     table = json.loads(SCHEDULES_FILE.read_text())["schedules"] if SCHEDULES_FILE.is_file() else {}
     if name not in table:
         raise ConfigError(f"No learned Forecast schedule {name!r}; shipped: {', '.join(sorted(table)) or 'none'}.")
-    entry = table[name]
-    return Forecast(full_steps=tuple(entry["full_steps"]), num_steps=entry["num_steps"],
-                    order=entry["order"] if order is None else order)
+    return table[name]
+
+
+def learned_schedule(name: str) -> "Forecast":
+    """A shipped learned schedule by name (``scripts/learn_forecast_schedules.py`` writes them), e.g.
+    ``learned_schedule("embedded-ddim50-cfg4-K15")``, with the order it was learned for."""
+    return Forecast(learned=name, order=_learned_entry(name)["order"])
 
 
 def spaced_schedule(num_steps: int, num_full: int, power: float) -> tuple[int, ...]:
@@ -67,18 +69,25 @@ class Forecast(PolicyConfig):
 
     full_steps: explicit full steps (steps taken: 0 = first), e.g. a learned schedule; it fixes
         ``num_steps``, the step count it was made for. Empty: the spaced schedule below.
+    learned: the name of a shipped learned schedule (``assets/forecast_schedules.json``), e.g.
+        ``"embedded-ddim50-cfg4-K15"``; fills ``full_steps`` and ``num_steps``.
     num_full / power: the spaced schedule of ``num_full`` full steps (power 1 uniform, > 1 denser late).
     order: degree of the extrapolating polynomial (1 linear, 2 quadratic, ...).
     """
 
     full_steps: tuple = ()
     num_steps: int | None = None
+    learned: str | None = None
     num_full: int = 15
     power: float = 2.0
     order: int = 2
     method: ClassVar[str] = "forecast"
 
     def __post_init__(self) -> None:
+        if self.learned is not None and not self.full_steps:  # a shipped learned schedule, by name
+            entry = _learned_entry(self.learned)
+            object.__setattr__(self, "full_steps", tuple(entry["full_steps"]))
+            object.__setattr__(self, "num_steps", entry["num_steps"])
         object.__setattr__(self, "full_steps", tuple(int(s) for s in self.full_steps))
         steps = self.full_steps
         if steps and (steps[0] != 0 or list(steps) != sorted(set(steps))):

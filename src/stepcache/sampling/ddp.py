@@ -47,7 +47,8 @@ SEED_LIMIT = 2**32  # the global seed is mixed as one 32-bit word: larger seeds 
 OPTION = {"num_samples": "--num-samples", "batch_size": "--per-proc-batch-size", "global_seed": "--global-seed",
           "num_steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "model": "--model",
           "policy": "the caching options (--cache ...)", "guide_channels": "--guide-all-channels",
-          "image_size": "--image-size", "vae": "--vae", "weights": "the weights (--ckpt / --random-weights)"}
+          "image_size": "--image-size", "vae": "--vae", "weights": "the weights (--ckpt / --random-weights)",
+          "dtype": "--dtype"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class DDPSampleConfig:
     image_size: int | None = None
     vae: str | None = None
     weights: dict = field(default_factory=dict)
+    dtype: str = "fp32"  # of the model (--dtype); the sampler keeps float32 state
 
     def __post_init__(self) -> None:
         if isinstance(self.global_seed, bool) or not 0 <= int(self.global_seed) < SEED_LIMIT:
@@ -150,15 +152,22 @@ def assemble_npz(out_dir: Path, num_samples: int, image_size: int | None = None)
     return save_npz(Path(out_dir) / "samples.npz", arr_0=arr)
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device): under torchrun, init NCCL (GPU) or gloo (CPU); else a single process."""
+def init_distributed(device: torch.device | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): under torchrun, init NCCL (GPU) or gloo (CPU); else a single process.
+
+    ``device``: the CPU, or a CUDA device (a single process uses its index; under torchrun each rank takes
+    its LOCAL_RANK's GPU); by default CUDA when available."""
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
     else:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
+    if use_cuda and world == 1 and device is not None and torch.device(device).index is not None:
+        device = torch.device(device)
+        torch.cuda.set_device(device)
+    elif use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
@@ -208,7 +217,7 @@ def prepare_record(out_dir: Path, cfg: DDPSampleConfig) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("config"), dict) \
             or not isinstance(record.get("runs", []), list):
         raise ConfigError(f"{path} is not a sample_ddp record; use a fresh --out-dir.")
-    why = _differing(record["config"], config)
+    why = _differing({"dtype": "fp32", **record["config"]}, config)  # records before --dtype were float32
     if why:
         raise ConfigError(f"{out_dir} holds samples of another configuration ({why}; see {path}); use a fresh "
                           "--out-dir or the same options as before.")
@@ -259,13 +268,14 @@ def _gather_pending(out_dir: Path, cfg: DDPSampleConfig, rank: int, world: int) 
 
 
 def run_ddp_sampling(model, cfg: DDPSampleConfig, out_dir: Path, to_uint8: Callable, policy=None,
-                     progress: bool = True, extra_record: dict | None = None) -> dict:
+                     progress: bool = True, extra_record: dict | None = None,
+                     device: torch.device | None = None) -> dict:
     """Sample the pending batches on every rank, then (rank 0) write ``samples.npz`` and the JSON record.
 
     ``to_uint8`` maps the sampler's output (n, C, H, W) to uint8 images (n, H, W, 3) (decode latents there).
-    Returns this run's timing record (on every rank).
+    Returns this run's timing record (on every rank). ``device``: see :func:`init_distributed`.
     """
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(device)
     torch.manual_seed(cfg.global_seed * world + rank)  # DiT's per-rank seed (nothing below draws from it)
     out_dir = Path(out_dir)
 

@@ -14,6 +14,7 @@ from stepcache.core.context import StepContext
 from stepcache.api import apply, get_handle
 from stepcache.sampling import solver_sample
 from stepcache.sampling.guidance import guided_forward
+from stepcache.sampling.precision import at_boundary, model_dtype, state_dtype
 from stepcache.sampling.samplers import SAMPLERS
 
 
@@ -84,14 +85,16 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 25
     diffusion = Diffusion(num_steps)
     use_cfg = cfg_scale > 1.0
     n = noise.shape[0]
-    x, y = noise, labels
+    state = state_dtype(noise)  # the sampler works in float32 (or wider); the model in its own dtype
+    x, y = noise.to(state), labels
     if use_cfg:
         null = getattr(model, "num_classes", 1000)
-        x = torch.cat([noise, noise], dim=0)
+        x = torch.cat([x, x], dim=0)
         y = torch.cat([labels, torch.full_like(labels, null)], dim=0)
         model_fn = partial(guided_forward, model, cfg_scale=cfg_scale, channels=channels)
     else:
         model_fn = model
+    model_fn = at_boundary(model_fn, model_dtype(model), state)
 
     with contextlib.ExitStack() as stack:
         if policy is not None:
@@ -113,5 +116,5 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 25
             out = model_fn(x, t, y)
             x = step(diffusion, out, x, it, generator)
         stats = handle.stats() if handle is not None else None
-    latents = x[:n]
+    latents = x[:n].to(noise.dtype)
     return (latents, stats) if return_stats else latents

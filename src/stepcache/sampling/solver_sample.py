@@ -31,6 +31,7 @@ from stepcache.core.context import StepContext
 from stepcache.api import apply, get_handle
 from stepcache.sampling.dpm_solver import data_prediction, dpm_solver_2s
 from stepcache.sampling.guidance import guided_forward
+from stepcache.sampling.precision import at_boundary, model_dtype, state_dtype
 from stepcache.sampling.samplers import SAMPLERS
 
 SOLVERS = ("dpm-solver++2s",)
@@ -181,6 +182,8 @@ def sample_family(model, noise: torch.Tensor, labels: torch.Tensor | None, num_s
     evaluations) and for U-ViT; same arguments and return value."""
     _check(model, noise, labels, num_steps, sampler, cfg_scale)
     eps = noise_prediction(model, labels, cfg_scale, _channels(model, noise, guide_channels))
+    state = state_dtype(noise)  # the solver works in float32 (or wider); the model in its own dtype
+    eps = at_boundary(eps, model_dtype(model), state)
     cfg, solver = cfg_scale > 1.0, sampler in SOLVERS
     with contextlib.ExitStack() as stack:
         if policy is not None:
@@ -190,8 +193,9 @@ def sample_family(model, noise: torch.Tensor, labels: torch.Tensor | None, num_s
             handle.begin_run(num_steps, noise.shape[0] * (2 if cfg else 1), cfg=cfg, stages=2 if solver else 1)
             stack.callback(handle.end_run)
         if solver:
-            x = _solver_loop(model, eps, noise, num_steps, handle, progress)
+            x = _solver_loop(model, eps, noise.to(state), num_steps, handle, progress)
         else:
-            x = _ddpm_loop(model, eps, noise, num_steps, sampler, handle, generator)
+            x = _ddpm_loop(model, eps, noise.to(state), num_steps, sampler, handle, generator)
         stats = handle.stats() if handle is not None else None
+    x = x.to(noise.dtype)
     return (x, stats) if return_stats else x

@@ -289,12 +289,14 @@ def skip_share(router: RouterLogits, threshold: float) -> float:
 
 def train_router(model, data, cfg: RouterTrainConfig, *, checkpoint: str | Path | None = None,
                  resume: bool = False, model_name: str | None = None, progress: bool = True,
-                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+                 on_step: Callable[[int, float], None] | None = None,
+                 device: torch.device | None = None) -> TrainResult:
     """Train a router for ``model`` on ``data`` (:class:`~stepcache.training.l2c_data.RouterData`).
 
     ``checkpoint``: written every ``cfg.checkpoint_every`` iterations and at the end (rank 0);
     with ``resume`` the run continues from it, bit for bit as if never interrupted.
-    ``on_step(iteration, loss)`` is called after each iteration (1-based).
+    ``on_step(iteration, loss)`` is called after each iteration (1-based). ``device``: where to train (see
+    :func:`stepcache.sampling.ddp.init_distributed`; by default CUDA when available).
     """
     from stepcache.diffusion.schedule import Diffusion
     from stepcache.training.l2c_data import check_data
@@ -302,7 +304,7 @@ def train_router(model, data, cfg: RouterTrainConfig, *, checkpoint: str | Path 
     check_data(data, model)
     if cfg.label_dropout > 0 and model.config.class_dropout_prob <= 0:
         raise ConfigError("this model has no null label; train its router with label_dropout=0.")
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(device)
     if cfg.batch_size % world:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {world} processes.")
     diffusion = Diffusion(cfg.num_steps)

@@ -132,11 +132,13 @@ def staged_router_error(model, data, logits: torch.Tensor, cfg: StagedRouterTrai
     return sum(errs) / len(errs)
 
 
-def train_staged_router(model, data, cfg: StagedRouterTrainConfig, *, progress: bool = False) -> TrainResult:
-    """Train a 2N-row router for ``model`` on ``data`` (``RouterData``: x0 and labels)."""
+def train_staged_router(model, data, cfg: StagedRouterTrainConfig, *, progress: bool = False,
+                        device: torch.device | None = None) -> TrainResult:
+    """Train a 2N-row router for ``model`` on ``data`` (``RouterData``: x0 and labels) on ``device`` (by default
+    CUDA when available)."""
     from stepcache.sampling.ddp import init_distributed
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(device)
     if cfg.batch_size % world:
         raise ConfigError(f"batch size {cfg.batch_size} is not divisible by the {world} processes.")
     null = getattr(model, "null_label", getattr(model, "num_classes", 0))

@@ -86,7 +86,9 @@ def format_table(report: dict) -> str:
 
 def heatmap(logits: torch.Tensor, threshold: float, path, title: str = "") -> Path:
     """PNG: beta of every unit at every cache step, skipped units marked with a dot."""
-    import matplotlib
+    from stepcache.errors import require
+
+    matplotlib = require("matplotlib", "Plotting")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -33,12 +33,14 @@ class RunSpec:
 
 
 def chunk_inputs(model, seeds) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise (n, C, H, W), image k from generator ``seeds[k]``; labels ``seed mod num_classes``."""
+    """Noise (n, C, H, W), image k from generator ``seeds[k]`` (drawn on the CPU: the same on every device);
+    labels ``seed mod num_classes``; both on the model's device."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
     labels = torch.tensor([int(s) % cfg.num_classes for s in seeds], dtype=torch.long)
-    return noise, labels
+    device = next(model.parameters()).device
+    return noise.to(device), labels.to(device)
 
 
 class Evaluator:
@@ -57,10 +59,13 @@ class Evaluator:
 
     def sample(self, policy, seeds, return_stats: bool = False, cfg_scale: float | None = None):
         noise, labels = chunk_inputs(self.model, seeds)
-        gen = torch.Generator().manual_seed(int(seeds[0]))
+        gen = torch.Generator(device=noise.device).manual_seed(int(seeds[0]))
         cfg = self.run.cfg_scale if cfg_scale is None else cfg_scale
-        return sample(self.model, noise, labels, self.run.num_steps, self.run.sampler, cfg, policy, generator=gen,
-                      return_stats=return_stats)
+        out = sample(self.model, noise, labels, self.run.num_steps, self.run.sampler, cfg, policy, generator=gen,
+                     return_stats=return_stats)
+        if return_stats:  # images float32 on the CPU, where the metrics and the saved references live
+            return out[0].float().cpu(), out[1]
+        return out.float().cpu()
 
     def compute(self, policy, seed: int) -> dict:
         """Executed and uncached MACs of one unguided sample: the cheapest run that shows a policy's

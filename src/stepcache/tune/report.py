@@ -53,7 +53,9 @@ def front_table(front) -> str:
 def pareto_plot(result: dict, path: Path, title: str) -> Path:
     """Ideal speedup vs PSNR on the rung-0 seeds: every candidate as a grey dot, the front's points
     labelled with their settings, the chosen policy starred, the target drawn as a line."""
-    import matplotlib
+    from stepcache.errors import require
+
+    matplotlib = require("matplotlib", "Plotting")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -172,6 +172,7 @@ class Tuner:
         return {c.key: statistics.median(self.store.get(keys[c.key])["ratios"]) for c in cands if n}
 
     def _time(self, policy) -> float:
+        """Seconds of one run; the images come back to the CPU at its end, so CUDA work is waited for."""
         t0 = time.perf_counter()
         self.evaluator.sample(policy, self.timed)
         return time.perf_counter() - t0
