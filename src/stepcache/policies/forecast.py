@@ -5,15 +5,16 @@ stepcache's own method. Like TaylorSeer (Liu et al., arXiv 2503.06923) it replac
 and MLP outputs of skipped steps by a forecast from the last full steps, but
 
 - the forecast is the exact interpolating polynomial through the last ``order + 1`` computed values
-  (Lagrange form on their real step positions): TaylorSeer's reference divides every order by the
-  latest spacing only, which is exact for order 1 on a uniform grid but biased where spacings differ
-  (after the warm-up, or on any non-uniform schedule);
+  at their real step positions (Newton's divided differences, updated at each full step, evaluated by
+  Horner's rule in ``order`` fused passes): TaylorSeer's reference divides every order by the latest
+  spacing only, which is exact for order 1 on a uniform grid but biased where spacings differ (after
+  the warm-up, or on any non-uniform schedule);
 - the full steps are a free schedule: a spaced one (``num_full`` steps, denser towards the end for
   ``power > 1``: on the embedded DiT the last steps, which settle the fine detail, gain most), or
   one learned for a model with :func:`stepcache.training.forecast_schedule.learn_schedule` (end-to-end
   fidelity on calibration seeds) and given as ``full_steps``.
 
-Steps are counted as ``s = ctx.progress`` (0 = the first step). The forecast costs ``order + 1``
+Steps are counted as ``s = ctx.progress`` (0 = the first step). The forecast costs ``order``
 multiply-adds per element, counted as the policy's work.
 """
 
@@ -23,6 +24,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+import torch
 
 from stepcache.core.actions import COMPUTE, Emit
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
@@ -117,7 +120,8 @@ class Forecast(PolicyConfig):
 
 
 def lagrange_weights(points: list[int], s: int) -> list[float]:
-    """Weights w_j with sum_j w_j f(points[j]) = p(s), p the polynomial through the points."""
+    """Weights w_j with sum_j w_j f(points[j]) = p(s), p the polynomial through the points (for reading
+    what a forecast weighs; the policy itself evaluates the same polynomial in Newton form)."""
     weights = []
     for j, sj in enumerate(points):
         w = 1.0
@@ -128,18 +132,28 @@ def lagrange_weights(points: list[int], s: int) -> list[float]:
     return weights
 
 
-def extrapolate(values: list, points: list[int], s: int):
-    """p(s) for the polynomial through (points[j], values[j]); values are tensors of one shape."""
-    weights = lagrange_weights(points, s)
-    out = values[0] * weights[0]
-    for v, w in zip(values[1:], weights[1:]):
-        out.add_(v, alpha=w)
+def newton_update(coeffs: list, nodes: list[int], value, s: int, order: int) -> tuple[list, list[int]]:
+    """Divided differences with the new value first: ``coeffs[j] = f[s, z_0, ..., z_{j-1}]`` over the nodes
+    (most recent first), from the previous ones in ``order`` subtractions and divisions, each by its true
+    spacing ``s - z_{j-1}`` (TaylorSeer's reference divides every order by the latest spacing only)."""
+    new = [value]
+    for j in range(1, min(order, len(coeffs)) + 1):
+        new.append((new[j - 1] - coeffs[j - 1]) / (s - nodes[j - 1]))
+    return new, [s] + nodes[: len(new) - 1]
+
+
+def newton_eval(coeffs: list, nodes: list[int], s: int):
+    """The polynomial at s by Horner's rule, one fused multiply-add pass per order."""
+    out = coeffs[-1]
+    for j in range(len(coeffs) - 2, -1, -1):
+        out = torch.add(coeffs[j], out, alpha=s - nodes[j])
     return out
 
 
 @register_policy(Forecast)
 class ForecastPolicy(Policy):
-    """Per branch site, ``slots["values"]``/``slots["steps"]``: the last ``order + 1`` computed outputs."""
+    """Per branch site, ``slots["D"]``/``slots["z"]``: the Newton coefficients and nodes of the last
+    ``order + 1`` computed outputs (as many tensors as TaylorSeer keeps)."""
 
     def reset(self, run) -> None:
         super().reset(run)
@@ -150,20 +164,17 @@ class ForecastPolicy(Policy):
         if site.is_span or s in self.full:
             return COMPUTE
         slots = view.memory
-        values, points = slots.get("values"), slots.get("steps")
-        if not values:
+        coeffs = slots.get("D")
+        if not coeffs:
             raise ConfigError(f"Forecast has nothing to extrapolate {site} from at step {ctx.i}.")
-        return Emit(extrapolate(values, points, s), macs=values[0].numel() * len(values))
+        return Emit(newton_eval(coeffs, slots["z"], s), macs=coeffs[0].numel() * (len(coeffs) - 1))
 
     def observe(self, ctx, site, result) -> None:
         s = ctx.progress
         if site.is_span or s not in self.full:
             return
         slots = result.memory
-        values, points = slots.setdefault("values", []), slots.setdefault("steps", [])
-        if points and points[-1] == s:  # a second solver stage of the same step: its first value stands
+        nodes = slots.get("z", [])
+        if nodes and nodes[0] == s:  # a second solver stage of the same step: its first value stands
             return
-        keep = self.config.order + 1
-        values.append(result.output)
-        points.append(s)
-        del values[:-keep], points[:-keep]
+        slots["D"], slots["z"] = newton_update(slots.get("D", []), nodes, result.output, s, self.config.order)
