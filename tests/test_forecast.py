@@ -104,3 +104,18 @@ def test_shipped_learned_schedules_load_and_beat_the_spaced_ones_on_their_held_o
         assert entry["held_out_psnr"] > 40 and len(entry["full_steps"]) == int(entry["mac_ratio"] * 50 + 0.5)
     with pytest.raises(ConfigError, match="No learned Forecast schedule"):
         Forecast(learned="nosuch")
+
+
+def test_stack_scope_forecasts_the_whole_stack_residual(one_thread):
+    model = tiny_dit()
+    noise, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2])
+    run = dict(num_steps=10, sampler="ddim", cfg_scale=1.5)
+    base = sample(model, noise, labels, policy=NoCache(), **run)
+    assert torch.equal(sample(model, noise, labels, policy=Forecast(full_steps=tuple(range(10)), num_steps=10,
+                                                                    scope="stack"), **run), base)
+    out, stats = sample(model, noise, labels, policy=Forecast(num_full=5, scope="stack"), return_stats=True, **run)
+    assert not torch.equal(out, base) and stats.kind_counts()["forecast"] == 5
+    i = next(i for i in stats.steps() if stats.step_kind(i) == "forecast")
+    assert stats.tokens(i, "3.mlp") == 0 and stats.kinds[i]["0.attn"] == "forecast"
+    with pytest.raises(ConfigError):
+        Forecast(scope="blocks")
