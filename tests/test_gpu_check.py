@@ -70,8 +70,11 @@ def test_peers_use_the_converter_when_the_build_has_one(gpu_check, monkeypatch):
         seen["native"] = native
         return torch.nn.Linear(2, 2)  # stands in for the converted transformer
 
-    monkeypatch.setitem(sys.modules, "stepcache.models.convert",
-                        types.SimpleNamespace(__name__="stepcache.models.convert", to_diffusers=to_diffusers))
+    import stepcache.models
+
+    fake = types.SimpleNamespace(__name__="stepcache.models.convert", to_diffusers=to_diffusers)
+    monkeypatch.setitem(sys.modules, "stepcache.models.convert", fake)
+    monkeypatch.setattr(stepcache.models, "convert", fake, raising=False)  # `from stepcache.models import convert`
     args = gpu_check.parse(["--tiny"])
     timed = gpu_check.native_model(args, torch.device("cpu"), torch.bfloat16)
     model, weights = gpu_check.diffusers_model(timed, args, torch.device("cpu"), torch.bfloat16)
