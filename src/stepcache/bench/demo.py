@@ -20,7 +20,8 @@ from stepcache.bench.runner import RunSettings, make_config, make_inputs, make_r
 from stepcache.bench.sweep import load_model, runnable_specs
 
 # One representative setting per method (about 2-3x fewer MACs on the embedded model).
-DEMO_SPECS = ("fora:interval=3", "toca:interval=3,fresh_ratio=0.1", "l2c")
+DEMO_SPECS = ("fora:interval=3", "toca:interval=3,fresh_ratio=0.1", "l2c", "taylorseer:interval=3,order=1",
+              "forecast:num_full=15")
 
 
 def image_grid(images: torch.Tensor, columns: int = 10) -> np.ndarray:
