@@ -94,7 +94,8 @@ def main() -> None:
                      "policy_macs": stats[spec].macs_policy, "step_kinds": stats[spec].kind_counts()})
         print(f"{spec:45s} compute {stats[spec].mac_ratio:.3f}  ideal {ideal:.2f}x  measured {measured:.2f}x  "
               f"ratio {measured / ideal:.3f}", flush=True)
-    record = {"benchmark": "methods on DiT-S/2 geometry", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    record = {"benchmark": "methods on DiT-S/2 geometry",
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "benchmarks/bench_methods.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
                                                                    vars(args).items() if k != "specs"),
               "model": "DiT-S/2 geometry (random weights), 256 tokens, 2 labels x CFG",

@@ -89,7 +89,8 @@ def native_model(args, device, dtype) -> stepcache.DiT:
 def inputs(model, args, device):
     """Noise (n, C, H, W) float32 drawn on the CPU and labels (n,), on ``device``."""
     c = model.config
-    noise = torch.randn(args.batch, c.in_channels, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(args.batch, c.in_channels, c.input_size, c.input_size, generator=gen)
     labels = torch.tensor([LABELS[k % len(LABELS)] for k in range(args.batch)])
     return noise.to(device), labels.to(device)
 
@@ -191,14 +192,16 @@ def diffusers_model(native, args, device, dtype):
                                in_channels=c.in_channels, out_channels=native.out_channels, num_layers=c.depth,
                                sample_size=c.input_size, patch_size=c.patch_size, num_embeds_ada_norm=c.num_classes)
     randomize_(tr, 0)
-    return tr.eval().to(device=device, dtype=dtype), "random, same geometry (stepcache.models.convert is not in this build)"
+    return tr.eval().to(device=device, dtype=dtype), ("random, same geometry (stepcache.models.convert is not in "
+                                                      "this build)")
 
 
 def dit_pipeline(tr, device, dtype):
     """DiTPipeline with DiT's DDIM schedule and a one-block stub VAE (the check is about the transformer)."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,),
+                        down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, layers_per_block=1)
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               clip_sample=False)

@@ -35,7 +35,8 @@ from stepcache.models.embedded import CONFIG_FILE, RESOLUTION, WEIGHTS_FILE, dig
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work-dir", type=Path, default=Path("runs/embedded"), help="checkpoints + log (default: %(default)s)")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/embedded"),
+                   help="checkpoints + log (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import stepcache
 from stepcache import DiT
 from stepcache.cli.main import main
 from stepcache.models.embedded import ASSETS

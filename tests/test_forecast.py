@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import stepcache
-from stepcache import Forecast, NoCache, TaylorSeer, sample
+from stepcache import Forecast, NoCache, sample
 from stepcache.core.context import ModelInfo, RunInfo, StepContext
 from stepcache.core.harness import PolicyDriver
 from stepcache.errors import ConfigError, ModelMismatchError

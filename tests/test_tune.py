@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
-import torch
 
 from helpers import tiny_dit
 from stepcache import FORA, load_policy

@@ -26,8 +26,8 @@ from stepcache.sampling.sample import sample
 from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
-    "DiT", "UViT", "STDiT3", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats", "StepContext",
-    "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache", "DBCache", "Forecast",
-    "known_methods", "load_policy", "StepcacheError", "ConfigError",
+    "DiT", "UViT", "STDiT3", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats",
+    "StepContext", "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache",
+    "DBCache", "Forecast", "known_methods", "load_policy", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",
 ]

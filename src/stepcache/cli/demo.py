@@ -1,4 +1,4 @@
-"""``stepcache demo``: no cache vs FORA vs ToCa vs L2C on the embedded digits DiT, same seeds."""
+"""``stepcache demo``: no cache vs FORA, ToCa, L2C, TaylorSeer and Forecast on the embedded digits DiT."""
 
 from __future__ import annotations
 

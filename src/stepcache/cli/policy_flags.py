@@ -97,7 +97,8 @@ def chosen_settings(args) -> tuple[str, dict]:
     for name in params:
         if name not in fields:
             where = flags.get(name, name)
-            raise ConfigError(f"{where} does not apply to --cache {method} (its settings: {', '.join(sorted(fields))}).")
+            raise ConfigError(f"{where} does not apply to --cache {method} "
+                              f"(its settings: {', '.join(sorted(fields))}).")
     return method, params
 
 

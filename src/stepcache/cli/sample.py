@@ -106,7 +106,8 @@ def run(args) -> int:
         record["result"]["latent_psnr_db"] = float("inf") if mse == 0 else 10 * torch.log10(
             torch.tensor(4.0 / mse)).item()
 
-    stem = f"{args.model.replace('/', '-')}-{args.sampler}{args.num_sampling_steps}-{args.cache.partition(':')[0]}-seed{args.seed}"
+    method = args.cache.partition(":")[0]
+    stem = f"{args.model.replace('/', '-')}-{args.sampler}{args.num_sampling_steps}-{method}-seed{args.seed}"
     images, why = (decode_latents(latents, args.vae) if is_latent else (latents, None))
     if images is None:
         latent_path = args.out_dir / f"{stem}.latents.pt"

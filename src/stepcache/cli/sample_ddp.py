@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from stepcache.cli.common import (add_cache_options, add_device_options, build_policy, placement, check_guidance_and_interval, check_output_dir,
-                                  environment, finite_float, positive_int)
+from stepcache.cli.common import (add_cache_options, add_device_options, build_policy, check_guidance_and_interval,
+                                  check_output_dir, environment, finite_float, placement, positive_int)
 from stepcache.errors import CheckpointError, ConfigError
 from stepcache.io import file_sha256
 

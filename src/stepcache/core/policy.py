@@ -46,7 +46,8 @@ class PolicyConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
-            raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}; its settings: {', '.join(sorted(fields))}.")
+            raise ConfigError(f"{cls.__name__} has no setting {unknown[0]!r}; "
+                              f"its settings: {', '.join(sorted(fields))}.")
         return cls(**{k: cls.from_plain(k, v) for k, v in d.items()})
 
     @classmethod

@@ -138,7 +138,7 @@ class CacheStats:
         """A table to tune with: step kinds, compute share per branch, MACs, memory (and per step)."""
         kinds = self.kind_counts()
         lines = [f"model calls        {self.nfe}",
-                 f"steps              " + ", ".join(f"{n} {k}" for k, n in kinds.items()),
+                 "steps              " + ", ".join(f"{n} {k}" for k, n in kinds.items()),
                  f"MACs executed      {format_macs(self.macs_executed)} of {format_macs(self.macs_uncached)} "
                  f"({self.mac_ratio:.3f}; ideal speedup {self.ideal_speedup:.2f}x)"]
         if self.macs_policy:

@@ -117,7 +117,8 @@ class Forecast(PolicyConfig):
     def schedule(self, num_steps: int) -> tuple[int, ...]:
         if self.full_steps:
             if num_steps != self.num_steps:
-                raise ModelMismatchError(f"This Forecast schedule was made for {self.num_steps} steps, not {num_steps}.")
+                raise ModelMismatchError(f"This Forecast schedule was made for {self.num_steps} steps, "
+                                         f"not {num_steps}.")
             return self.full_steps
         return spaced_schedule(num_steps, self.num_full, self.power)
 

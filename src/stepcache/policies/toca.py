@@ -134,7 +134,8 @@ class ToCa(PolicyConfig):
         unset = {k: v for k, v in VARIANT_DEFAULTS[variant].items() if getattr(self, k) is None}
         cfg = replace(self, variant=variant, **unset)
         if variant != "dit" and cfg.forecast:
-            raise ConfigError("ToCa forecast=True is a composition of the DiT rules; use variant='dit' or forecast=False.")
+            raise ConfigError("ToCa forecast=True is a composition of the DiT rules; use variant='dit' or "
+                              "forecast=False.")
         if variant == "pixart":
             if cfg.schedule in DIT_ONLY_SCHEDULES:
                 raise ConfigError(f"ToCa schedule {cfg.schedule!r} is DiT's; the PixArt variant takes one of "

@@ -137,7 +137,8 @@ class PipelineClock:
         batched = self.cfg and adapter.cfg_layout != "separate_calls"
         if batched and rows % 2:
             raise ClockError(f"A CFG batch must have an even number of rows, got {rows}.")
-        self.handle.begin_run(num_steps, rows, cfg=batched, uncond_first=batched and adapter.cfg_layout == "uncond_first")
+        uncond_first = batched and adapter.cfg_layout == "uncond_first"
+        self.handle.begin_run(num_steps, rows, cfg=batched, uncond_first=uncond_first)
         self.started = True
 
 
