@@ -32,6 +32,17 @@ def published(table: str, key: str, family: str) -> tuple[float, ...] | None:
     return None
 
 
+def given_or_published(given, table: str, key: str, family: str, what: str, flag: str):
+    """``given`` (a config's values), else the published values of ``key`` for ``family``, else one sentence
+    naming the fix (``what``: e.g. "MagCache has no magnitude ratios"; ``flag``: how to pass a file)."""
+    if given is not None:
+        return given
+    values = published(table, key, family)
+    if values is None:
+        raise ConfigError(f"{what} for {family}; run `stepcache calibrate --model ... --out FILE` and pass {flag}.")
+    return values
+
+
 def published_by_name(table: str, key: str, name: str) -> tuple[float, ...]:
     """The published values of ``key`` for the named model (e.g. "flux", "hunyuan-video")."""
     models = _table(table)

@@ -25,7 +25,7 @@ import torch
 from stepcache.core.actions import COMPUTE, REUSE
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.calibration_data import load_values, published, published_by_name
+from stepcache.policies.calibration_data import given_or_published, load_values, published_by_name
 
 TABLE = "magcache_ratios.json"
 
@@ -74,13 +74,8 @@ class MagCache(PolicyConfig):
 
 def resolve_ratios(config: MagCache, family: str) -> tuple[float, ...]:
     """The config's ratios, else the published ones for this model family, else a one-sentence fix."""
-    if config.mag_ratios is not None:
-        return config.mag_ratios
-    ratios = published(TABLE, "mag_ratios", family)
-    if ratios is None:
-        raise ConfigError(f"MagCache has no magnitude ratios for {family}; run `stepcache calibrate --model ... "
-                          f"--out FILE` and pass MagCache(mag_ratios=FILE) (CLI: --mag-ratios FILE).")
-    return ratios
+    return given_or_published(config.mag_ratios, TABLE, "mag_ratios", family, "MagCache has no magnitude ratios",
+                              "MagCache(mag_ratios=FILE) (CLI: --mag-ratios FILE)")
 
 
 def interpolate_ratios(ratios, num_steps: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from stepcache.core.actions import COMPUTE, REUSE
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.errors import ConfigError
-from stepcache.policies.calibration_data import load_values, published, published_by_name
+from stepcache.policies.calibration_data import given_or_published, load_values, published_by_name
 from stepcache.policies.indicators import rel_l1
 
 TABLE = "teacache_coefficients.json"
@@ -65,13 +65,10 @@ class TeaCache(PolicyConfig):
 
 
 def resolve_coefficients(config: TeaCache, family: str) -> tuple[float, ...]:
-    if config.coefficients is not None:
-        return config.coefficients
-    coefficients = published(TABLE, "coefficients", family)
-    if coefficients is None:
-        raise ConfigError(f"TeaCache has no rescaling coefficients for {family}; run `stepcache calibrate --model "
-                          f"... --out FILE` and pass TeaCache(coefficients=FILE) (CLI: --coefficients FILE).")
-    return coefficients
+    """The config's coefficients, else the published ones for this model family, else a one-sentence fix."""
+    return given_or_published(config.coefficients, TABLE, "coefficients", family,
+                              "TeaCache has no rescaling coefficients",
+                              "TeaCache(coefficients=FILE) (CLI: --coefficients FILE)")
 
 
 def poly(coefficients: Sequence[float], x: float) -> float:
