@@ -17,7 +17,7 @@ pytest.importorskip("transformers")  # the text-to-image pipelines import it eve
 import stepcache  # noqa: E402
 from stepcache import FORA, NoCache  # noqa: E402
 from stepcache.errors import ClockError, ConfigError, UnsupportedModelError  # noqa: E402
-from stepcache.core.policy import PolicyConfig, PolicyHandler, register_policy  # noqa: E402
+from stepcache.core.policy import Policy, PolicyConfig, register_policy  # noqa: E402
 from stepcache.core.actions import COMPUTE, COMPUTE_WITH_MAP, REUSE, Compute, Partial  # noqa: E402
 from stepcache.core.context import StepContext  # noqa: E402
 from helpers import randomize  # noqa: E402
@@ -39,7 +39,7 @@ class Probe(PolicyConfig):
 
 
 @register_policy(Probe)
-class ProbeHandler(PolicyHandler):
+class ProbeHandler(Policy):
     def reset(self, run):
         super().reset(run)
         self.seen, self.maps, self.runs = [], [], getattr(self, "runs", []) + [run]

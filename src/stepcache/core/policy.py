@@ -102,9 +102,6 @@ class Policy:
         ``attn_map`` (B, k, L) holds the rows of the recomputed queries ``result.index`` (B, k)."""
 
 
-PolicyHandler = Policy  # the name handlers were written against before the v2 contract
-
-
 def register_policy(config_cls: type):
     """Class decorator: ``@register_policy(FORA) class ForaPolicy(Policy): ...``."""
 

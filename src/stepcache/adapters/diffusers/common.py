@@ -236,7 +236,6 @@ class DiffusersAdapter(Adapter):
         patches.append(ForwardPatch(model, lambda original: self._model_forward(model, original, handle, geom)))
         if hasattr(model, "enable_cache"):
             patches.append(AttrPatch(model, "enable_cache", _refuse_enable_cache))
-        extra = _branch_extras(handle)
         for layer, (block, group) in enumerate(self.blocks(model)):
             for site in group.sites:
                 module = getattr(block, site.module, None)
@@ -244,9 +243,9 @@ class DiffusersAdapter(Adapter):
                     continue
                 make = SITE_KINDS[site.kind]
                 patches.append(ForwardPatch(module, lambda orig, m=module, s=site, l=layer:
-                                            make(orig, m, s, l, handle, geom, extra)))
+                                            make(orig, m, s, l, handle, geom)))
                 norm = getattr(block, site.norm, None) if site.norm and self.skip_unused_norms else None
-                if isinstance(norm, nn.LayerNorm) and hasattr(handle, "peek"):
+                if isinstance(norm, nn.LayerNorm):
                     patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer:
                                                 _skippable_norm(orig, s, l, handle)))
         self.patch_blocks(model, handle, patches)
@@ -386,11 +385,6 @@ def _refuse_enable_cache(*args, **kwargs):
     raise ConfigError("This model has a stepcache policy applied; call handle.remove() before enable_cache().")
 
 
-def _branch_extras(handle) -> set:
-    """Optional keyword arguments this runtime's ``branch`` accepts (``x``, ``with_values``)."""
-    return set(inspect.signature(handle.branch).parameters) & {"x", "with_values", "tokens_with_map"}
-
-
 def _skippable_norm(original, site, layer, handle):
     """A norm that feeds only ``site``: when the policy will reuse or forecast the site (decided ahead through
     ``handle.peek``), return one token instead of normalising all of them; the block's elementwise
@@ -406,23 +400,22 @@ def _skippable_norm(original, site, layer, handle):
 
 
 # ---------------------------------------------------------------------------------- site kinds
-def _token_site(original, module, site, layer, handle, geom, extra):
+def _token_site(original, module, site, layer, handle, geom):
     per_token = linear_macs(module)
     macs = lambda k: k * per_token  # noqa: E731
 
     def forward(hidden_states, *args, **kwargs):  # (B, T, D)
-        kw = {"x": hidden_states} if "x" in extra else {}
         return handle.branch(
             layer, site.branch,
             full=lambda: original(hidden_states, *args, **kwargs),
             tokens=lambda index: original(gather_tokens(hidden_states, index), *args, **kwargs),
-            macs=macs, **kw)
+            macs=macs, x=hidden_states)
 
     forward.site_macs = macs
     return forward
 
 
-def _text_site(original, module, site, layer, handle, geom, extra):
+def _text_site(original, module, site, layer, handle, geom):
     per_token = linear_macs(module)
     macs = lambda k: k * geom.text_len * per_token // max(geom.num_tokens, 1)  # noqa: E731
 
@@ -448,7 +441,7 @@ def _attention_macs(module, geom, queries_all: bool, keys) -> Callable[[int], in
     return macs
 
 
-def _self_site(original, module, site, layer, handle, geom, extra):
+def _self_site(original, module, site, layer, handle, geom):
     macs = _attention_macs(module, geom, True, lambda: geom.num_tokens)
 
     def forward(hidden_states, *args, **kwargs):  # (B, T, D)
@@ -457,14 +450,14 @@ def _self_site(original, module, site, layer, handle, geom, extra):
             return attention_with_map(module, hidden_states, None, mask)
 
         full = lambda: original(hidden_states, *args, **kwargs)  # noqa: E731
-        kw = {"with_values": lambda: (full(), value_norms(module, hidden_states))} if "with_values" in extra else {}
-        return handle.branch(layer, site.branch, full=full, macs=macs, with_map=with_map, **kw)
+        return handle.branch(layer, site.branch, full=full, macs=macs, with_map=with_map,
+                             with_values=lambda: (full(), value_norms(module, hidden_states)))
 
     forward.site_macs = macs
     return forward
 
 
-def _cross_site(original, module, site, layer, handle, geom, extra):
+def _cross_site(original, module, site, layer, handle, geom):
     macs = _attention_macs(module, geom, False, lambda: geom.text_len)
 
     def forward(*args, **kwargs):
@@ -480,17 +473,15 @@ def _cross_site(original, module, site, layer, handle, geom, extra):
             return attention_with_map(module, gather_tokens(x, index), ctx, mask)
 
         full = lambda: original(*args, **kwargs)  # noqa: E731
-        kw = {"x": x} if "x" in extra else {}
-        if "tokens_with_map" in extra:
-            kw["tokens_with_map"] = on_with_map
         return handle.branch(layer, site.branch, full=full, tokens=on, macs=macs,
-                             with_map=lambda: (full(), attention_map(module, x, ctx, mask)), **kw)
+                             with_map=lambda: (full(), attention_map(module, x, ctx, mask)), x=x,
+                             tokens_with_map=on_with_map)
 
     forward.site_macs = macs
     return forward
 
 
-def _joint_site(original, module, site, layer, handle, geom, extra):
+def _joint_site(original, module, site, layer, handle, geom):
     macs = _attention_macs(module, geom, True, lambda: geom.num_tokens + geom.text_len)
 
     def forward(*args, **kwargs):
@@ -511,8 +502,8 @@ def _joint_site(original, module, site, layer, handle, geom, extra):
             image_part = image
         else:  # single stream [text; image]
             image_part = image[:, geom.text_len:]
-        kw = {"with_values": lambda: (full(), value_norms(module, image_part))} if "with_values" in extra else {}
-        out = handle.branch(layer, site.branch, full=full, macs=macs, **kw)
+        out = handle.branch(layer, site.branch, full=full, macs=macs,
+                            with_values=lambda: (full(), value_norms(module, image_part)))
         if not pair:
             return out
         return out[:, :T], (out[:, T:] if out.shape[1] > T else None)
@@ -521,7 +512,7 @@ def _joint_site(original, module, site, layer, handle, geom, extra):
     return forward
 
 
-def _split_site(original, module, site, layer, handle, geom, extra):
+def _split_site(original, module, site, layer, handle, geom):
     per_token = linear_macs(module)
     macs = lambda k: k * per_token + (geom.text_len * per_token if k == geom.num_tokens else 0)  # noqa: E731
 
@@ -533,10 +524,9 @@ def _split_site(original, module, site, layer, handle, geom, extra):
             out = original(hidden_states, *args, **kwargs)
             return torch.cat([out[:, L:], out[:, :L]], dim=1)
 
-        kw = {"x": image} if "x" in extra else {}
         out = handle.branch(layer, site.branch, full=full,
                             tokens=lambda index: original(gather_tokens(image, index), *args, **kwargs),
-                            macs=macs, **kw)
+                            macs=macs, x=image)
         T = out.shape[1] - L
         return torch.cat([out[:, T:], out[:, :T]], dim=1)
 
