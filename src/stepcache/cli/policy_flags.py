@@ -173,9 +173,11 @@ def _l2c(args, params: dict, model):
     if params:
         raise ConfigError(f"--cache l2c takes --router and --threshold, not {', '.join(sorted(params))}.")
     if router is None:
-        shipped = Path(__file__).resolve().parents[1] / "assets" / (
-            f"embedded_router_{args.sampler}{args.num_sampling_steps}.safetensors")
-        if getattr(args, "model", None) != "embedded" or not shipped.is_file():
+        from stepcache.bench.methods import embedded_router
+
+        embedded = getattr(args, "model", None) == "embedded"
+        shipped = embedded_router(args.num_sampling_steps, args.sampler) if embedded else None
+        if shipped is None:
             raise ConfigError("--cache l2c needs --router FILE (a router is shipped only for the embedded model "
                               "with DDIM-50).")
         router = str(shipped)
