@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps (default: %(default)s)")
+    p.add_argument("--cooldown", type=int, default=0,
+                   help="decay the rate linearly to 0 over the last N of --steps (default: %(default)s, constant)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay cap (default: %(default)s)")
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--width", type=int, default=128)
@@ -52,7 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from work-dir/last.pt")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep work-dir/step_N.pt every N steps, to compare milestones (default: off)")
     p.add_argument("--export", action="store_true", help="only export work-dir/last.pt's EMA to the assets")
+    p.add_argument("--export-dir", type=Path, default=None,
+                   help="write the exported weights + config here instead of stepcache/assets")
+    p.add_argument("--from", dest="from_ckpt", type=Path, default=None,
+                   help="with --export: export this checkpoint instead of work-dir/last.pt")
     return p.parse_args(argv)
 
 
@@ -62,8 +70,15 @@ def build_model(args) -> DiT:
 
 
 def lr_at(step: int, args) -> float:
-    """Linear warm-up, then constant: a run of N steps is the prefix of any longer run (EMA averages)."""
-    return args.lr * min(1.0, (step + 1) / args.warmup)
+    """Linear warm-up, then constant, then (``--cooldown``) a linear decay to 0 over the last steps.
+
+    Before the cool-down a run of N steps is the exact prefix of any longer run, so a run can be
+    resumed with a larger ``--steps`` and a cool-down added only at its end.
+    """
+    rate = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.cooldown > 0:
+        rate *= min(1.0, (args.steps - step) / args.cooldown)
+    return rate
 
 
 def random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.Tensor:
@@ -109,18 +124,21 @@ def export(args, log) -> None:
     """Write the EMA weights (safetensors) and the JSON config into stepcache/assets."""
     from safetensors.torch import save_file
 
-    state = torch.load(args.work_dir / "last.pt", weights_only=False)
+    state = torch.load(args.from_ckpt or args.work_dir / "last.pt", weights_only=False)
     model = build_model(args)
     model.load_state_dict(state["ema"])
     weights = {k: v.contiguous() for k, v in model.state_dict().items()}
-    WEIGHTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(WEIGHTS_FILE))
+    weights_file, config_file = WEIGHTS_FILE, CONFIG_FILE
+    if args.export_dir is not None:
+        weights_file, config_file = args.export_dir / WEIGHTS_FILE.name, args.export_dir / CONFIG_FILE.name
+    weights_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(weights_file))
     meta = {"model": config_dict(model),
             "training": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                         if k not in ("resume", "export", "work_dir")}
+                         if k not in ("resume", "export", "work_dir", "export_dir", "from_ckpt", "keep_every")}
             | {"steps_done": state["step"], "loss_ema": state["loss_avg"], "wall_seconds": round(state["elapsed"])}}
-    CONFIG_FILE.write_text(json.dumps(meta, indent=2) + "\n")
-    log(f"exported step {state['step']} EMA weights to {WEIGHTS_FILE} ({WEIGHTS_FILE.stat().st_size / 1e6:.1f} MB)")
+    config_file.write_text(json.dumps(meta, indent=2) + "\n")
+    log(f"exported step {state['step']} EMA weights to {weights_file} ({weights_file.stat().st_size / 1e6:.1f} MB)")
 
 
 def main(argv=None) -> None:
@@ -170,6 +188,8 @@ def main(argv=None) -> None:
                 f"{(time.time() - t0) / step:.2f}s/step")
         if step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(last, step, model, ema, opt, g, loss_avg, time.time() - t0)
+        if args.keep_every and step % args.keep_every == 0:
+            save_checkpoint(args.work_dir / f"step_{step}.pt", step, model, ema, opt, g, loss_avg, time.time() - t0)
     log(f"done in {(time.time() - t0) / 60:.1f} min")
     export(args, log)
 
