@@ -124,7 +124,8 @@ class Forecast(PolicyConfig):
 
     @classmethod
     def search_space(cls) -> dict[str, list]:
-        return {"num_full": [10, 12, 15, 18, 22], "power": [1.5, 2.0, 2.5], "order": [1, 2]}
+        return {"num_full": [10, 12, 15, 18, 22], "power": [1.5, 2.0, 2.5], "order": [1, 2],
+                "scope": list(SCOPES)}
 
 
 def lagrange_weights(points: list[int], s: int) -> list[float]:
