@@ -2,15 +2,19 @@
 
 Recipe (DiT, Peebles & Xie, arXiv 2212.09748, shrunk): linear betas over T=1000, uniform t,
 epsilon-prediction MSE (Ho et al., arXiv 2006.11239, "L_simple"), fixed variance (learn_sigma=False),
-label dropout 0.1 for classifier-free guidance, AdamW with linear warm-up then a constant rate, EMA
-weights (shipped). Light augmentation: random shifts of up to ``--shift`` pixels (no flips: digits).
+label dropout 0.1 for classifier-free guidance, AdamW with linear warm-up, a constant rate and an
+optional linear cool-down at the end, EMA weights (shipped). Light augmentation: random shifts of up to ``--shift`` pixels (no flips: digits).
 
 Seeded and reproducible: every random draw comes from one generator (and the global RNG, used by
 DiT's label dropout); both states are saved in the periodic checkpoints, so ``--resume`` continues the
 same run. Usage::
 
-    nohup .venv/bin/python scripts/train_embedded.py --work-dir runs/embedded > /dev/null 2>&1 &
-    .venv/bin/python scripts/train_embedded.py --work-dir runs/embedded --export   # write the assets
+    nohup .venv/bin/python scripts/train_embedded.py --work-dir runs/embedded --steps 8500 --cooldown 2500 \
+        > /dev/null 2>&1 &                                            # the shipped weights' run
+    .venv/bin/python scripts/train_embedded.py --work-dir runs/embedded --steps 8500 --cooldown 2500 --export
+
+then ``scripts/eval_embedded.py`` judges the result and ``scripts/refresh_embedded.sh`` remakes everything
+that depends on the weights.
 """
 
 from __future__ import annotations
