@@ -100,6 +100,18 @@ CASES = [
     ("calibrate-bad-cfg", lambda b, o: ["calibrate", "--cfg-scale", "0.5", "--out", f"{o}/cal.json"], "--cfg-scale"),
     ("calibrate-out-is-dir", lambda b, o: ["calibrate", "--out", o], "is a folder"),
     ("calibrate-out-under-file", lambda b, o: ["calibrate", "--out", f"{b['good']}/cal.json"], "is a file"),
+    # ------------------------------------------------------------------ generate
+    ("generate-missing-pipeline", lambda b, o: ["generate", "--pipeline", f"{o}/missing", "--prompt", "a cat",
+                                                "--out-dir", o], "does not exist"),
+    ("generate-not-a-pipeline", lambda b, o: ["generate", "--pipeline", o, "--prompt", "a cat", "--out-dir", o],
+     "no model_index.json"),
+    ("generate-offline-hub-id", lambda b, o: ["generate", "--pipeline", "nobody/nothing", "--prompt", "a cat",
+                                              "--out-dir", o], "HF_HUB_OFFLINE"),
+    ("generate-no-prompt", lambda b, o: ["generate", "--pipeline", o, "--out-dir", o], "--prompt"),
+    ("generate-out-under-file", lambda b, o: ["generate", "--pipeline", o, "--prompt", "a", "--out-dir",
+                                              f"{b['good']}/x"], "not a writable folder"),
+    ("generate-unknown-cache", lambda b, o: ["generate", "--pipeline", o, "--prompt", "a", "--cache", "nosuch",
+                                             "--out-dir", o], "unknown cache method"),
     # ------------------------------------------------------------------ tune
     ("tune-zero-speedup", lambda b, o: ["tune", "--target-speedup", "0", "--out-dir", o], "speedup target"),
     ("tune-nan-psnr", lambda b, o: ["tune", "--min-psnr", "nan", "--out-dir", o], "psnr target"),
