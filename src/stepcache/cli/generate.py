@@ -171,7 +171,8 @@ def run(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     info = describe(pipe)
     args.sampler = info["scheduler"]
-    policy = build_policy(args, model=pipe.transformer) or stepcache.NoCache()
+    # a policy file is checked against the whole pipeline (scheduler too); an L2C router against the transformer
+    policy = build_policy(args, model=pipe if args.policy is not None else pipe.transformer) or stepcache.NoCache()
     request = Request(tuple(items), tuple(args.seed + k for k in range(len(items))), args.num_sampling_steps,
                       args.guidance_scale, args.height, args.width)
 
