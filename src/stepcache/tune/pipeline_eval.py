@@ -8,7 +8,7 @@ resumed tune makes none again), and a policy is scored by PSNR / SSIM against th
 
 Quality is measured on the DECODED images (what users see, scaled from [0, 1] to [-1, 1] like every other
 PSNR here), so the tuner refuses a pipeline without a VAE. Executed and uncached MACs come from the
-handle's stats of the same run (``stepcache.apply(pipe.transformer, policy)``, the diffusers habit).
+handle's stats of the same run (``stepcache.apply(pipe, policy)``).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class PipelineEvaluator(Evaluator):
         guidance = self.run.cfg_scale if cfg_scale is None else cfg_scale
         request = Request(tuple(self.jobs.items[i] for i in idx), tuple(self.jobs.base_seed + i for i in idx),
                           self.run.num_steps, guidance, self.jobs.height, self.jobs.width)
-        with apply(self.pipe.transformer, policy) as handle:
+        with apply(self.pipe, policy) as handle:  # the pipeline itself: no search for the pipeline of a transformer
             images = run_pipeline(self.pipe, request) * 2 - 1  # (n, 3, H, W), [0, 1] -> [-1, 1]
             stats = handle.stats()
         return (images, stats) if return_stats else images
