@@ -112,6 +112,13 @@ CASES = [
                                               f"{b['good']}/x"], "not a writable folder"),
     ("generate-unknown-cache", lambda b, o: ["generate", "--pipeline", o, "--prompt", "a", "--cache", "nosuch",
                                              "--out-dir", o], "unknown cache method"),
+    # ------------------------------------------------------------------ convert
+    ("convert-native-missing-folder", lambda b, o: ["convert", "--to", "native", "--from", f"{o}/missing", "--out",
+                                                    f"{o}/x.safetensors"], "is not a folder"),
+    ("convert-native-bad-suffix", lambda b, o: ["convert", "--to", "native", "--from", o, "--out", f"{o}/x.bin"],
+     "must end in"),
+    ("convert-diffusers-trunc-ckpt", lambda b, o: ["convert", "--to", "diffusers", "--from", b["trunc_st"], "--out",
+                                                   f"{o}/hf"], "not a readable"),
     # ------------------------------------------------------------------ tune
     ("tune-zero-speedup", lambda b, o: ["tune", "--target-speedup", "0", "--out-dir", o], "speedup target"),
     ("tune-nan-psnr", lambda b, o: ["tune", "--min-psnr", "nan", "--out-dir", o], "psnr target"),

@@ -163,3 +163,11 @@ def test_unsupported_pipeline_class_lists_the_supported_ones(tmp_path, capsys):
                              "--out-dir", str(tmp_path / "o")]))
     assert msg.endswith("DDPMPipeline is not a supported pipeline; supported: DiTPipeline, PixArtAlphaPipeline, "
                         "PixArtSigmaPipeline, StableDiffusion3Pipeline, FluxPipeline.")
+
+
+def test_generate_in_bfloat16(folders, tmp_path):
+    out = tmp_path / "out"
+    assert _generate(folders["flux"], "flux", out, "--dtype", "bf16", "--cache", "fora:interval=3") == 0
+    record = json.loads(next(out.glob("*.json")).read_text())
+    assert record["dtype"] == "bf16" and record["result"]["step_kinds"]["reuse"] > 0
+    assert all(read_png(p).shape == (16, 16, 3) for p in record["images"])
