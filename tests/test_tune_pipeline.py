@@ -79,6 +79,14 @@ def test_tune_pipeline_writes_a_policy_for_this_pipeline_and_resumes(dit_folder,
     assert _tune(dit_folder, out, "--target-speedup", "1.5") == 0
     assert "runs sampled now: 0 (+0 uncached references)" in capsys.readouterr().out
 
+    # the tuned file drives `generate` on the same pipeline, and is refused at another step count
+    assert main(["generate", "--pipeline", dit_folder, "--prompt", "5", "--num-inference-steps", str(STEPS),
+                 "--policy", str(out), "--out-dir", str(tmp_path / "gen")]) == 0
+    assert json.loads(next((tmp_path / "gen").glob("*.json")).read_text())["policy"] == doc["policy"]
+    assert main(["generate", "--pipeline", dit_folder, "--prompt", "5", "--num-inference-steps", "4",
+                 "--policy", str(out), "--out-dir", str(tmp_path / "gen")]) == 2
+    assert "tuned for 6 sampling steps, not 4" in capsys.readouterr().err
+
     pipe = DiffusionPipeline.from_pretrained(dit_folder)
     policy = load_policy(out, model=pipe, sampler="DDIMScheduler", num_steps=STEPS)
     assert policy.to_dict() == doc["policy"]
@@ -103,5 +111,7 @@ def test_tune_pipeline_bad_inputs(dit_folder, tmp_path, capsys):
     assert "go with --pipeline" in err("--prompt", "3", "--target-speedup", "2")
     assert "--max-fd needs the digit judge" in err("--pipeline", dit_folder, "--prompt", "3", "--prompt", "4",
                                                    "--max-fd", "3")
+    assert "--model or --pipeline" in err("--pipeline", dit_folder, "--model", "DiT-S/2", "--prompt", "3",
+                                          "--prompt", "4", "--target-speedup", "2")
     assert "does not exist" in err("--pipeline", str(tmp_path / "none"), "--prompt", "3", "--prompt", "4",
                                    "--target-speedup", "2")

@@ -92,6 +92,8 @@ def run(args) -> int:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
     if args.max_fd is not None and (args.model != "embedded" or args.pipeline):
         raise ConfigError("--max-fd needs the digit judge, which scores only --model embedded.")
+    if args.pipeline and args.model != "embedded":
+        raise ConfigError("Give --model or --pipeline, not both.")
     if (args.prompt or args.heldout_prompt) and not args.pipeline:
         raise ConfigError("--prompt and --heldout-prompt go with --pipeline.")
     if args.methods:  # a misspelt method stops the run before anything is written
