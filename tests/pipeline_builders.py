@@ -70,8 +70,11 @@ def build(name: str, output_gain: float = 1.0):
     with torch.no_grad():
         last.weight.mul_(output_gain)
         last.bias.mul_(output_gain)
-    if name == "dit":
-        return base
+    if name == "dit":  # with ImageNet-style names for a few classes, as the hub's DiT pipelines have
+        labels = {3: "tabby cat, tabby", 7: "cock", 207: "golden retriever"}
+        pipe = type(base)(transformer=base.transformer, vae=base.vae, scheduler=base.scheduler, id2label=labels)
+        pipe.register_to_config(id2label=labels)  # saved in model_index.json
+        return pipe
     cls, tr, sched = type(base), base.transformer, base.scheduler
     if name == "pixart":
         return cls(tokenizer=tokenizer(16), text_encoder=t5(32), vae=vae(4), transformer=tr, scheduler=sched)

@@ -95,6 +95,17 @@ def test_cache_none_equals_the_plain_pipeline_bit_for_bit(folders, name, tmp_pat
     assert np.array_equal(got, expected)
 
 
+def test_dit_class_names_and_ids_name_the_same_classes(folders, tmp_path):
+    by_name, by_id = tmp_path / "a", tmp_path / "b"
+    assert main(["generate", "--pipeline", folders["dit"], "--prompt", "tabby cat", "--prompt", "cock",
+                 "--num-inference-steps", "3", "--out-dir", str(by_name)]) == 0
+    assert main(["generate", "--pipeline", folders["dit"], "--class-label", "3", "--prompt", "7",
+                 "--num-inference-steps", "3", "--out-dir", str(by_id)]) == 0
+    a = json.loads(next(by_name.glob("*.json")).read_text())["images"]
+    b = json.loads(next(by_id.glob("*.json")).read_text())["images"]
+    assert all(np.array_equal(read_png(x), read_png(y)) for x, y in zip(a, b))
+
+
 def test_policy_file_for_another_model_is_refused_unless_forced(folders, tmp_path, capsys):
     from stepcache import FORA
     from stepcache.policy_file import model_identity, save_policy
@@ -144,8 +155,8 @@ def test_bad_inputs_end_in_one_sentence(folders, tmp_path, capsys, monkeypatch):
     assert "at least one --prompt" in msg
     msg = _err(capsys, _generate(folders["pixart"], "dit", tmp_path / "o"))  # class labels to a text pipeline
     assert "takes text prompts" in msg
-    msg = _err(capsys, main(["generate", "--pipeline", folders["dit"], "--prompt", "tabby cat", "--out-dir", out]))
-    assert "'tabby cat' is not a class name" in msg and "--class-label" in msg
+    msg = _err(capsys, main(["generate", "--pipeline", folders["dit"], "--prompt", "zebra", "--out-dir", out]))
+    assert "'zebra' is not a class name of this DiT pipeline (e.g. cock, golden retriever, tabby)" in msg
     msg = _err(capsys, main(["generate", "--pipeline", folders["dit"], "--class-label", "5000", "--out-dir", out]))
     assert "outside this DiT's 0..999" in msg
     msg = _err(capsys, main(["generate", "--pipeline", folders["dit"], "--class-label", "1", "--cache", "fora",

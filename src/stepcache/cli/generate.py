@@ -29,9 +29,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="run a diffusers pipeline (PixArt, SD3, FLUX, DiT) with caching",
                        description=__doc__.splitlines()[0])
     add_pipeline_options(p, item="image")
-    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+    # one list in command-line order: image k is the k-th --prompt or --class-label
+    p.add_argument("--prompt", dest="items", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeat for more images); for DiT pipelines an ImageNet class name")
-    p.add_argument("--class-label", type=int, action="append", default=[], metavar="N",
+    p.add_argument("--class-label", dest="items", type=int, action="append", metavar="N",
                    help="a DiT class id (repeat for more images)")
     p.add_argument("--guidance-scale", type=finite_float, default=None,
                    help="guidance scale (default: the pipeline's own)")
@@ -127,7 +128,7 @@ def _hub_cache() -> str:
 
 # ---------------------------------------------------------------- the run
 def _items(args) -> list:
-    items = list(args.prompt) + list(args.class_label)
+    items = list(args.items)
     if not items:
         raise ConfigError("Give at least one --prompt (or, for a DiT pipeline, --class-label N).")
     return items
