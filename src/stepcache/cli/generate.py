@@ -28,7 +28,11 @@ from stepcache.errors import CheckpointError, ConfigError, MissingDependencyErro
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="run a diffusers pipeline (PixArt, SD3, FLUX, DiT) with caching",
                        description=__doc__.splitlines()[0])
-    add_pipeline_options(p, item="image")
+    p.add_argument("--pipeline", required=True, metavar="ID_OR_FOLDER",
+                   help="a diffusers pipeline: a Hugging Face hub id or a local folder (save_pretrained)")
+    p.add_argument("--num-inference-steps", dest="num_sampling_steps", type=positive_int, default=20, metavar="N",
+                   help="denoising steps (default: %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of image 0 (image k uses seed + k)")
     # one list in command-line order: image k is the k-th --prompt or --class-label
     p.add_argument("--prompt", dest="items", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeat for more images); for DiT pipelines an ImageNet class name")
@@ -46,16 +50,6 @@ def add_parser(sub) -> None:
     add_device_options(p)
     add_cache_options(p)
     p.set_defaults(func=run)
-
-
-def add_pipeline_options(p, item: str) -> None:
-    """--pipeline, --num-inference-steps and --seed: what ``generate`` and ``tune --pipeline`` share."""
-    p.add_argument("--pipeline", required=p.prog.endswith("generate"), default=None, metavar="ID_OR_FOLDER",
-                   help="a diffusers pipeline: a Hugging Face hub id or a local folder (save_pretrained)")
-    p.add_argument("--num-inference-steps", dest="num_sampling_steps", type=positive_int, default=20,
-                   help="denoising steps (default: %(default)s)")
-    if not any(a.dest == "seed" for a in p._actions):
-        p.add_argument("--seed", type=seed_int, default=0, help=f"seed of {item} 0 ({item} k uses seed + k)")
 
 
 # ---------------------------------------------------------------- loading

@@ -48,13 +48,13 @@ def add_parser(sub) -> None:
     pipe.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                       help="a calibration prompt (repeat; DiT: a class id or name)")
     pipe.add_argument("--heldout-prompt", action="append", default=[], metavar="TEXT",
-                      help="a held-out prompt (repeat; default: the last third of the --prompt list)")
+                      help="a held-out prompt (repeat; none: the last third of the --prompt list)")
     pipe.add_argument("--num-inference-steps", dest="num_sampling_steps", type=positive_int, default=argparse.SUPPRESS,
-                      help="the same as --num-sampling-steps")
+                      metavar="N", help="the same as --num-sampling-steps")
     pipe.add_argument("--guidance-scale", type=finite_float, default=None,
-                      help="the pipeline's guidance scale (default: its own)")
-    pipe.add_argument("--height", type=positive_int, default=None, help="image height (default: the pipeline's)")
-    pipe.add_argument("--width", type=positive_int, default=None, help="image width (default: the pipeline's)")
+                      help="the pipeline's guidance scale (None: its own)")
+    pipe.add_argument("--height", type=positive_int, default=None, help="image height (None: the pipeline's)")
+    pipe.add_argument("--width", type=positive_int, default=None, help="image width (None: the pipeline's)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("policy.json"), help="policy file to write")
     p.add_argument("--out-dir", type=Path, default=None, help="records, report and plot (default: <out>_tune/)")
