@@ -49,7 +49,7 @@ def test_tune_pipeline_writes_a_policy_for_this_pipeline_and_resumes(dit_folder,
     tuned = doc["tuned_for"]
     assert tuned["model"]["pipeline"] == "DiTPipeline" and tuned["model"]["class"] == "DiTTransformer2DModel"
     assert tuned["model"]["scheduler"] == tuned["sampler"] == "DDIMScheduler" and tuned["num_steps"] == STEPS
-    assert doc["policy"]["method"] == "fora"
+    assert doc["policy"]["method"] == "fora" and tuned["prompts"]["psnr_on"] == "decoded images"
     folder = tmp_path / "policy_tune"
     header = json.loads((folder / "tune_records.jsonl").read_text().splitlines()[0])
     assert header["prompts"]["calibration"] == ["3", "7", "11"] and header["prompts"]["held_out"] == ["5"]

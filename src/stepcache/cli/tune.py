@@ -120,6 +120,8 @@ def run(args) -> int:
     tuned_for = {"model": tuner.identity, "sampler": tuner.run.sampler, "num_steps": args.num_sampling_steps,
                  "cfg_scale": tuner.run.cfg_scale, "target": {**target.to_dict(), "basis": args.speedup_basis,
                                                               "searched": result["searched_target"].to_dict()}}
+    if tuner.jobs is not None:  # the prompts it was judged on, and on what (decoded images)
+        tuned_for["prompts"] = tuner.jobs.header()
     files = write_outputs(result, tuned_for, args.out, out_dir, title)
     chosen = result["chosen"]
     h, c = chosen["held_out"], chosen["calibration"]

@@ -78,6 +78,7 @@ class Tuner:
         :class:`~stepcache.tune.pipeline_eval.PipelineJobs`); the rest of the tune is the same."""
         options.validate()
         self.model, self.run, self.opts, self.judge, self.log = model, run, options, judge, log
+        self.jobs = jobs
         self.identity = model_identity(model, model_name)
         header = {"model": self.identity, "run": asdict(run), "judge": judge}
         if jobs is not None:
