@@ -129,3 +129,34 @@ def test_state_dict_mapping_covers_every_diffusers_tensor():
     model = tiny_dit(depth=2)
     state = native_to_diffusers_state(model.state_dict(), 2, model.num_classes)
     assert state.keys() == DiTTransformer2DModel(**diffusers_config(model)).state_dict().keys()
+
+
+def test_cli_convert_round_trip_through_folders(tmp_path, capsys):
+    """`stepcache convert --to diffusers` then `--to native`: the same weights; the diffusers model, reloaded
+    with its frequency shift set to 0, computes what the native one computes."""
+    from diffusers import DiTTransformer2DModel
+
+    from stepcache.cli.main import main
+    from stepcache.models.checkpoints import save_dit
+    from stepcache.models.dit import DiT
+
+    model = tiny_dit(depth=2)
+    save_dit(model, tmp_path / "native.safetensors")
+    assert main(["convert", "--to", "diffusers", "--from", str(tmp_path / "native.safetensors"),
+                 "--out", str(tmp_path / "hf")]) == 0
+    assert "set_frequency_shift(model, 0)" in capsys.readouterr().out
+    tr = set_frequency_shift(DiTTransformer2DModel.from_pretrained(str(tmp_path / "hf")), 0).eval()
+    x, t, y = _inputs(model)
+    with torch.no_grad():
+        assert _max_rel(tr(x, t, y).sample, model(x, t, y)) <= RTOL
+    assert main(["convert", "--to", "native", "--from", str(tmp_path / "hf"), "--out",
+                 str(tmp_path / "back.safetensors")]) == 0
+    assert "frequency shift 1" in capsys.readouterr().out  # diffusers' own shift, named
+    back = DiT.from_pretrained(str(tmp_path / "back.safetensors"))
+    a, b = model.state_dict(), back.state_dict()
+    assert back.config == model.config and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", "--to", "native", "--from", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "x.pt")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["convert", "--to", "native", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "x.bin")]) == 2
+    assert "must end in .safetensors or .pt" in capsys.readouterr().err

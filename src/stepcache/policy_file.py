@@ -35,8 +35,20 @@ def weights_fingerprint(model: torch.nn.Module, per_tensor: int = 64) -> str:
     return h.hexdigest()[:16]
 
 
+def is_pipeline(obj) -> bool:
+    """A diffusers pipeline (holds a ``transformer``; is not itself a module)."""
+    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "transformer", None), torch.nn.Module)
+
+
 def model_identity(model, name: str | None = None) -> dict:
-    """``{"name", "class", "config", "fingerprint"}`` of a model (its architecture and its weights)."""
+    """``{"name", "class", "config", "fingerprint"}`` of a model (its architecture and its weights).
+
+    Of a diffusers pipeline: its transformer's, plus ``"pipeline"`` and ``"scheduler"`` (class names): a
+    policy's settings are tied to the scheduler's timesteps as much as to the weights.
+    """
+    if is_pipeline(model):
+        return {**model_identity(model.transformer, name), "pipeline": type(model).__name__,
+                "scheduler": type(model.scheduler).__name__}
     cfg = getattr(model, "config", None)
     if dataclasses.is_dataclass(cfg):
         cfg = dataclasses.asdict(cfg)
@@ -73,6 +85,9 @@ def _model_difference(tuned: dict, model) -> str | None:
     if isinstance(model, str):
         return None if model == tuned.get("name") else f"model {tuned.get('name')!r}, not {model!r}"
     ident = model_identity(model)
+    for key in ("pipeline", "scheduler"):  # checked only where both sides are pipelines
+        if key in tuned and key in ident and tuned[key] != ident[key]:
+            return f"a {tuned[key]}, not a {ident[key]}"
     if ident["class"] != tuned.get("class"):
         return f"a {tuned.get('class')} model, not a {ident['class']}"
     old = tuned.get("config", {})
@@ -89,7 +104,8 @@ def load_policy(path, model=None, sampler: str | None = None, num_steps: int | N
                 force: bool = False) -> PolicyConfig:
     """The policy of a file written by ``stepcache tune``, checked against the run it will serve.
 
-    ``model`` (a name such as ``"embedded"`` or the module itself), ``sampler`` and ``num_steps`` are
+    ``model`` (a name such as ``"embedded"``, the module itself or a diffusers pipeline), ``sampler``
+    (for a pipeline: its scheduler's class name) and ``num_steps`` are
     compared with what the policy was tuned for; a difference raises ConfigError naming it, unless
     ``force``. Arguments left None are not checked.
     """

@@ -2,7 +2,11 @@
 
     stepcache tune --model embedded --sampler ddim --num-sampling-steps 50 --target-speedup 3 --out policy.json
 
-The records, the report (finalists on held-out seeds, Pareto front) and the plot go to --out-dir
+    stepcache tune --pipeline PixArt-alpha/PixArt-XL-2-512x512 --prompt "a red fox" --prompt ... \
+        --num-inference-steps 20 --min-psnr 30 --out policy.json
+
+With --pipeline the calibration set is the --prompt list (held-out: --heldout-prompt, else the last
+third of the prompts); PSNR is measured on the decoded images. The records, the report (finalists on held-out seeds, Pareto front) and the plot go to --out-dir
 (default: a folder named after --out, beside it). Re-running the same command resumes from the records.
 """
 
@@ -11,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stepcache.cli.common import add_sampling_options, positive_int
+from stepcache.cli.common import add_sampling_options, finite_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -38,6 +42,19 @@ def add_parser(sub) -> None:
     p.add_argument("--finalists", type=positive_int, default=3, help="best candidates checked on held-out seeds")
     p.add_argument("--timing-repeats", type=int, default=3, help="interleaved timing rounds (0: no timing)")
     p.add_argument("--timing-seeds", type=positive_int, default=16, help="held-out seeds timed as one batch")
+    pipe = p.add_argument_group("diffusers pipelines (instead of --model)")
+    pipe.add_argument("--pipeline", default=None, metavar="ID_OR_FOLDER",
+                      help="a diffusers pipeline (hub id or save_pretrained folder): PixArt, SD3, FLUX or DiT")
+    pipe.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                      help="a calibration prompt (repeat; DiT: a class id or name)")
+    pipe.add_argument("--heldout-prompt", action="append", default=[], metavar="TEXT",
+                      help="a held-out prompt (repeat; none: the last third of the --prompt list)")
+    pipe.add_argument("--num-inference-steps", dest="num_sampling_steps", type=positive_int, default=argparse.SUPPRESS,
+                      metavar="N", help="the same as --num-sampling-steps")
+    pipe.add_argument("--guidance-scale", type=finite_float, default=None,
+                      help="the pipeline's guidance scale (None: its own)")
+    pipe.add_argument("--height", type=positive_int, default=None, help="image height (None: the pipeline's)")
+    pipe.add_argument("--width", type=positive_int, default=None, help="image width (None: the pipeline's)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=Path("policy.json"), help="policy file to write")
     p.add_argument("--out-dir", type=Path, default=None, help="records, report and plot (default: <out>_tune/)")
@@ -73,8 +90,12 @@ def run(args) -> int:
     target = target_of(args)
     if args.cfg_scale < 1:
         raise ConfigError(f"--cfg-scale must be >= 1, got {args.cfg_scale}.")
-    if args.max_fd is not None and args.model != "embedded":
+    if args.max_fd is not None and (args.model != "embedded" or args.pipeline):
         raise ConfigError("--max-fd needs the digit judge, which scores only --model embedded.")
+    if args.pipeline and args.model != "embedded":
+        raise ConfigError("Give --model or --pipeline, not both.")
+    if (args.prompt or args.heldout_prompt) and not args.pipeline:
+        raise ConfigError("--prompt and --heldout-prompt go with --pipeline.")
     if args.methods:  # a misspelt method stops the run before anything is written
         from stepcache.cli.policy_flags import menu
 
@@ -88,15 +109,20 @@ def run(args) -> int:
                        finalists=args.finalists, timing_repeats=args.timing_repeats, timing_seeds=args.timing_seeds,
                        speedup_basis=args.speedup_basis, methods=tuple(args.methods) if args.methods else None,
                        compare=tuple(args.compare), progress=not args.no_progress)
-    run_spec = RunSpec(args.sampler, args.num_sampling_steps, args.cfg_scale)
-    loaded = load_model(args.model, device, dtype)
-    tuner = Tuner(loaded.model, args.model, run_spec, opts, out_dir, judge=loaded.embedded)
+    if args.pipeline:
+        tuner, title = _pipeline_tuner(args, opts, out_dir, device, dtype)
+    else:
+        run_spec = RunSpec(args.sampler, args.num_sampling_steps, args.cfg_scale)
+        loaded = load_model(args.model, device, dtype)
+        tuner = Tuner(loaded.model, args.model, run_spec, opts, out_dir, judge=loaded.embedded)
+        title = f"{args.model}, {args.sampler}-{args.num_sampling_steps}, cfg {args.cfg_scale:g}"
     result = tuner.tune()
-    tuned_for = {"model": tuner.identity, "sampler": args.sampler, "num_steps": args.num_sampling_steps,
-                 "cfg_scale": args.cfg_scale, "target": {**target.to_dict(), "basis": args.speedup_basis,
-                                                         "searched": result["searched_target"].to_dict()}}
-    files = write_outputs(result, tuned_for, args.out, out_dir,
-                          f"{args.model}, {args.sampler}-{args.num_sampling_steps}, cfg {args.cfg_scale:g}")
+    tuned_for = {"model": tuner.identity, "sampler": tuner.run.sampler, "num_steps": args.num_sampling_steps,
+                 "cfg_scale": tuner.run.cfg_scale, "target": {**target.to_dict(), "basis": args.speedup_basis,
+                                                              "searched": result["searched_target"].to_dict()}}
+    if tuner.jobs is not None:  # the prompts it was judged on, and on what (decoded images)
+        tuned_for["prompts"] = tuner.jobs.header()
+    files = write_outputs(result, tuned_for, args.out, out_dir, title)
     chosen = result["chosen"]
     h, c = chosen["held_out"], chosen["calibration"]
     speed = chosen["measured_speedup"]
@@ -108,3 +134,26 @@ def run(args) -> int:
           f"records reused: {result['resumed_records']}")
     print("\n".join(f"{name}: {path}" for name, path in files.items()))
     return 0
+
+
+def _pipeline_tuner(args, opts, out_dir, device, dtype):
+    """(Tuner, report title) of ``--pipeline``: the prompts are the seeds, the scheduler is the sampler."""
+    from dataclasses import replace
+
+    from stepcache.cli.generate import load_pipeline
+    from stepcache.tune.evaluate import RunSpec
+    from stepcache.tune.pipeline_eval import PipelineJobs, split_prompts
+    from stepcache.tune.tuner import Tuner
+
+    calibration, held_out = split_prompts(args.prompt, args.heldout_prompt)
+    jobs = PipelineJobs(calibration, held_out, args.seed, args.height, args.width)
+    # the tuner's seed k is job k: calibration jobs 0..n-1, held-out jobs after them
+    opts = replace(opts, calibration_seeds=len(calibration), held_out_seeds=len(held_out), seed=0,
+                   timing_seeds=min(opts.timing_seeds, len(held_out)))
+    pipe = load_pipeline(args.pipeline, dtype, device)
+    pipe.set_progress_bar_config(disable=True)
+    run_spec = RunSpec(type(pipe.scheduler).__name__, args.num_sampling_steps, args.guidance_scale)
+    tuner = Tuner(pipe, args.pipeline, run_spec, opts, out_dir, judge=False, jobs=jobs)
+    guidance = "its default guidance" if args.guidance_scale is None else f"guidance {args.guidance_scale:g}"
+    title = f"{type(pipe).__name__} {args.pipeline}, {run_spec.sampler}-{args.num_sampling_steps}, {guidance}"
+    return tuner, title

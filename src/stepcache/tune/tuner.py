@@ -73,19 +73,29 @@ class Tuner:
     """The state of one tune: model, records, references; see the module docstring for the steps."""
 
     def __init__(self, model, model_name: str, run: RunSpec, options: TuneOptions, out_dir, judge: bool,
-                 log=print):
+                 log=print, jobs=None):
+        """``model``: a native model, or a diffusers pipeline with ``jobs`` (its prompts, a
+        :class:`~stepcache.tune.pipeline_eval.PipelineJobs`); the rest of the tune is the same."""
         options.validate()
         self.model, self.run, self.opts, self.judge, self.log = model, run, options, judge, log
+        self.jobs = jobs
         self.identity = model_identity(model, model_name)
         header = {"model": self.identity, "run": asdict(run), "judge": judge}
+        if jobs is not None:
+            header["prompts"] = jobs.header()
         self.store = RecordStore(out_dir / RECORDS_NAME, header)
-        self.evaluator = Evaluator(model, run, judge, out_dir, fingerprint=config_key(header))
+        if jobs is None:
+            self.evaluator = Evaluator(model, run, judge, out_dir, fingerprint=config_key(header))
+        else:
+            from stepcache.tune.pipeline_eval import PipelineEvaluator
+
+            self.evaluator = PipelineEvaluator(model, jobs, run, out_dir, fingerprint=config_key(header))
         n, s = options.calibration_seeds, options.seed
         self.calibration = list(range(s, s + n))
         self.held_out = tuple(range(s + n, s + n + options.held_out_seeds))
         self.timed = self.held_out[:max(1, options.timing_seeds)]
         self.chunks = seed_chunks(self.calibration, options.first_chunk)
-        self.num_classes = model.config.num_classes
+        self.num_classes = model.config.num_classes if judge else None  # the judge checks label = seed mod classes
         self.new_runs = 0
 
     # ------------------------------------------------------------------ measurements (records)
@@ -148,8 +158,8 @@ class Tuner:
 
     def pooled(self, cand: Candidate, chunks) -> "figures":
         recs = [self.record(cand, ch) for ch in chunks]
-        labels = [s % self.num_classes for ch in chunks for s in ch]
-        return figures(recs, labels if self.judge else None, fd=self.judge)
+        labels = [s % self.num_classes for ch in chunks for s in ch] if self.judge else None
+        return figures(recs, labels, fd=self.judge)
 
     def timing(self, cands) -> dict:
         """{candidate key: median over rounds of (uncached s / policy s)} on the first held-out seeds;
@@ -296,8 +306,9 @@ class Tuner:
 
 
 def tune(model, model_name: str, run: RunSpec, options: TuneOptions, out_dir, judge: bool = False,
-         log=print) -> dict:
-    """Run a tune; the result dict is what :mod:`stepcache.tune.report` writes out."""
+         log=print, jobs=None) -> dict:
+    """Run a tune (of a diffusers pipeline when ``jobs`` holds its prompts); the result dict is what
+    :mod:`stepcache.tune.report` writes out."""
     from pathlib import Path
 
-    return Tuner(model, model_name, run, options, Path(out_dir), judge, log).tune()
+    return Tuner(model, model_name, run, options, Path(out_dir), judge, log, jobs).tune()
