@@ -3,7 +3,6 @@
 import hashlib
 import json
 import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -171,7 +170,7 @@ def test_eval_cli_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     (["--features", "inception", "--inception", "/nonexistent/dir/inception.pt"], "Inception weights"),
 ])
 def test_eval_cli_errors_are_one_sentence(tmp_path, capsys, monkeypatch, argv, needle):
-    monkeypatch.setattr(urllib.request, "urlopen", _offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
     np.savez(tmp_path / "s.npz", arr_0=_images(9))
     base = {"--samples": str(tmp_path / "s.npz"), "--ref": str(tmp_path / "s.npz"), "--features": "digits"}
     for flag, value in zip(argv[::2], argv[1::2]):
@@ -181,7 +180,7 @@ def test_eval_cli_errors_are_one_sentence(tmp_path, capsys, monkeypatch, argv, n
     assert code == 2 and len(err) == 1 and needle in err[0]
 
 
-def _offline(url, timeout=None):
+def _offline(url, dst=None, hash_prefix=None, progress=True):
     raise urllib.error.URLError("network unreachable (test)")
 
 
