@@ -14,8 +14,9 @@ from stepcache.cli.main import SUBCOMMANDS, build_parser
 from stepcache.core.policy import PolicyConfig, policy_class
 from stepcache.errors import ConfigError
 
-REQUIRED = {"sample": [], "sample_ddp": ["--num-samples", "2", "--out-dir", "unused"], "generate": ["--pipeline", "x", "--prompt", "y"], "bench": [],
-            "demo": [], "tune": ["--target-speedup", "2"]}
+REQUIRED = {"sample": [], "sample_ddp": ["--num-samples", "2", "--out-dir", "unused"],
+            "generate": ["--pipeline", "x", "--prompt", "y"], "bench": [], "demo": [],
+            "tune": ["--target-speedup", "2"]}
 COMMANDS = [c for c in REQUIRED if c in SUBCOMMANDS]
 
 FORMS = {

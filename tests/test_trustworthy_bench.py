@@ -14,7 +14,7 @@ import torch
 import stepcache.bench.runner as runner
 from stepcache.bench import figures
 from stepcache.bench.records import NOISE_NOTE, markdown_table, read_records
-from stepcache.bench.runner import RunSettings, interleaved, make_record, speedup
+from stepcache.bench.runner import RunSettings, interleaved, speedup
 from stepcache.bench.sweep import LoadedModel, sweep
 from stepcache.cli.main import build_parser
 from stepcache.core.policy import NoCache
@@ -106,7 +106,8 @@ def test_bench_out_defaults_under_the_output_folder(tmp_path):
 def test_pareto_figure_labels_every_point_marks_the_ideal_and_has_no_empty_legend_entry():
     base = _record("none", "none", 1.0, 1.0)
     base["quality"] = {"class_accuracy": 0.9}                                  # no SSIM vs itself
-    recs = [base, _record("fora(interval=2)", "fora", 1.7, 1.9, 0.95), _record("fora(interval=3)", "fora", 2.4, 2.7, 0.9),
+    recs = [base, _record("fora(interval=2)", "fora", 1.7, 1.9, 0.95),
+            _record("fora(interval=3)", "fora", 2.4, 2.7, 0.9),
             _record("toca(interval=3, fresh_ratio=0.1)", "toca", 1.9, 2.1, 0.93)]
     fig = figures.pareto_figure(recs, "ssim")
     ax = fig.axes[0]

@@ -48,7 +48,8 @@ def run_demo(out_dir: Path, settings: RunSettings, specs=DEMO_SPECS, log=print, 
                           base_times if k else None, quality(images, labels, ref if k else None, judge=True))
         records.append(rec)
         mark = "*" if above_ideal(rec) else ""
-        named.append((f"{rec['label'] if k else 'uncached'}\n{rec['time']['speedup']:.2f}x{mark} (ideal {rec['work']['ideal_speedup']:.2f}x), "
+        name = rec["label"] if k else "uncached"
+        named.append((f"{name}\n{rec['time']['speedup']:.2f}x{mark} (ideal {rec['work']['ideal_speedup']:.2f}x), "
                       f"acc {rec['quality']['class_accuracy']:.2f}", images))
     files = {"grids": save_grids(named, out_dir / "demo_grids.png"),
              "plot": pareto_plot(records, out_dir / "demo_speed_quality.png", "ssim", "embedded digits DiT"),

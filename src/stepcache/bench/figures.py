@@ -95,7 +95,8 @@ def _upsample(img: np.ndarray, scale: int) -> np.ndarray:
     return img.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def grid_rows(named_images: list[tuple[str, torch.Tensor]], columns: int = GRID_COLUMNS) -> list[tuple[str, np.ndarray]]:
+def grid_rows(named_images: list[tuple[str, torch.Tensor]],
+              columns: int = GRID_COLUMNS) -> list[tuple[str, np.ndarray]]:
     """(label, RGB row (H, columns*W, 3) in [0, 1]) per row: the first entry (uncached) alone, then each method
     and its |difference vs uncached| (one colour scale for all methods: the largest difference is yellow)."""
     from matplotlib import colormaps

@@ -3,9 +3,10 @@
 Every subcommand (sample, sample-ddp, generate, bench, demo, tune) accepts the same two forms:
 
 - ``--cache METHOD`` (or ``--cache METHOD:key=value,...``) plus one flag per setting of every registered
-  config dataclass (``--interval``, ``--fresh-ratio``, ``--threshold``, ...; ``--cache-<name>`` works everywhere, and
-  is the only form where the subcommand has an option of that name, e.g. ``bench --cache-warmup``). A flag left unset keeps the method's default; a flag the chosen
-  method does not have is refused naming the method's settings;
+  config dataclass (``--interval``, ``--fresh-ratio``, ``--threshold``, ...). ``--cache-<name>`` works
+  everywhere, and is the only form where the subcommand has an option of that name (``bench
+  --cache-warmup``). A flag left unset keeps the method's default; a flag the chosen method does not
+  have is refused naming the method's settings;
 - ``--policies SPEC [SPEC ...]`` with ``SPEC = METHOD[:key=value,...]`` or a policy file from ``tune``.
 
 Subcommands that run one policy (sample, sample-ddp, generate) take one SPEC; those that compare
