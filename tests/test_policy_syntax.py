@@ -83,3 +83,13 @@ def test_a_setting_the_method_lacks_is_refused_on_every_form():
     for command in COMMANDS:
         with pytest.raises(ConfigError, match="fresh-ratio|fresh_ratio"):
             _policies(_parse(command, ["--cache", "fora", "--fresh-ratio", "0.1"]))
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c in ("bench", "demo")])
+def test_a_policy_file_is_measured_beside_the_list(command, tmp_path):
+    defaults = list(_parse(command, [])._default_specs)
+    assert policy_flags.requested_specs(_parse(command, [])) == defaults
+    args = _parse(command, ["--policy", str(tmp_path / "p.json")])
+    assert policy_flags.requested_specs(args) == defaults + [str(tmp_path / "p.json")]
+    args = _parse(command, ["--policies", "fora", "--policy", str(tmp_path / "p.json"), "--force"])
+    assert policy_flags.requested_specs(args) == ["fora", str(tmp_path / "p.json") + ":force=true"]

@@ -63,7 +63,8 @@ def add_cache_options(parser: argparse.ArgumentParser, *, many: bool = False, de
                         "the policy as one spec METHOD[:key=value,...] (or a policy file), instead of --cache")
     if files:
         g.add_argument("--policy", type=Path, default=None, metavar="FILE",
-                       help="a policy file written by `stepcache tune` (instead of --cache)")
+                       help="a policy file written by `stepcache tune` (" + ("measured beside the other policies)"
+                                                                             if many else "instead of --cache)"))
         g.add_argument("--force", action="store_true",
                        help=force_help or "use a --policy tuned for another model, sampler or steps")
     taken = set(parser._option_string_actions)
@@ -148,7 +149,7 @@ def to_spec(method: str, params: dict) -> str:
 
 def requested_specs(args) -> list[str]:
     """The policy specs a comparing subcommand (bench, demo, tune) was asked for: ``--policies``, then
-    ``--cache`` with its flags, then ``--policy FILE``; the subcommand's default list when none is given.
+    ``--cache`` with its flags (the subcommand's default list when neither is given), then ``--policy FILE``.
     ``--force`` marks the policy files as usable for another model, sampler or step count."""
     from stepcache.bench.methods import policy_file_spec
 
@@ -156,10 +157,10 @@ def requested_specs(args) -> list[str]:
     method, params = chosen_settings(args)
     if method != "none":
         specs.append(to_spec(method, params))
-    if getattr(args, "policy", None) is not None:
-        specs.append(str(args.policy))
     if not specs:
         specs = list(getattr(args, "_default_specs", ()))
+    if getattr(args, "policy", None) is not None:  # a tuned policy is measured beside the list (or the defaults)
+        specs.append(str(args.policy))
     if getattr(args, "force", False):
         specs = [s + ":force=true" if policy_file_spec(s) and ":force" not in s else s for s in specs]
     return specs
