@@ -1,4 +1,4 @@
-"""Benchmark records: environment capture, JSONL files keyed by a config hash, tables and plots.
+"""Benchmark records: environment capture, JSONL files keyed by a config hash, tables (plots: bench.figures).
 
 Each record is one JSON line ``{"key", "config", "environment", "time", "work", "quality"}``. The key is
 a hash of the config alone, so re-running a sweep with the same arguments appends nothing twice
