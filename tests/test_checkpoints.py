@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -128,12 +127,13 @@ def test_wrong_architecture(model, tmp_path):
 
 
 def test_official_name_offline_fails_with_one_sentence(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
+    def offline(url, dst, hash_prefix=None, progress=True):
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setenv("STEPCACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(CheckpointError, match="Could not download .*DiT-XL-2-256x256.pt") as err:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(CheckpointError, match="Could not download .*DiT-XL-2-256x256.pt.*--ckpt") as err:
         DiT.from_pretrained("DiT-XL-2-256x256.pt")
     assert "\n" not in str(err.value)
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
@@ -151,10 +151,13 @@ def test_cached_official_file_of_another_architecture_is_rejected(model, tmp_pat
         DiT.from_pretrained("DiT-XL-2-256x256.pt")
 
 
-def test_fetch_is_atomic(model, tmp_path):
+def test_fetch_is_atomic(model, tmp_path, monkeypatch):
+    from stepcache.downloads import fetch_file
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     src = ck.save_dit(model, tmp_path / "src.pt")
     dest = tmp_path / "cache" / "copy.pt"
-    ck.fetch(src.as_uri(), dest, verify=ck.read_state_dict)
+    fetch_file(src.as_uri(), dest, verify=ck.read_state_dict, progress=False)   # through torch.hub, file:// URL
     assert dest.read_bytes() == src.read_bytes()
     from stepcache.io import current_umask
 
@@ -166,24 +169,22 @@ def test_fetch_is_atomic(model, tmp_path):
 
     bad = tmp_path / "cache" / "rejected.pt"
     with pytest.raises(CheckpointError, match="bad file"):
-        ck.fetch(src.as_uri(), bad, verify=reject)
+        fetch_file(src.as_uri(), bad, verify=reject, progress=False)
     assert sorted(p.name for p in dest.parent.iterdir()) == ["copy.pt"]
 
 
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch):
-    class Broken:
-        def __enter__(self):
-            return self
+    from stepcache.downloads import DownloadError, fetch_file
 
-        def __exit__(self, *exc):
-            return False
+    def broken(url, dst, hash_prefix=None, progress=True):
+        with open(dst, "wb") as f:
+            f.write(b"half a file")
+        raise urllib.error.URLError("connection reset")
 
-        def read(self, n):
-            raise urllib.error.URLError("connection reset")
-
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Broken())
-    with pytest.raises(CheckpointError, match="Could not download"):
-        ck.fetch("https://example.invalid/x.pt", tmp_path / "x.pt")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", broken)
+    with pytest.raises(DownloadError, match="Could not download"):
+        fetch_file("https://example.invalid/x.pt", tmp_path / "x.pt")
     assert list(tmp_path.iterdir()) == []
 
 

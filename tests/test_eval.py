@@ -3,7 +3,6 @@
 import hashlib
 import json
 import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -171,7 +170,7 @@ def test_eval_cli_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     (["--features", "inception", "--inception", "/nonexistent/dir/inception.pt"], "Inception weights"),
 ])
 def test_eval_cli_errors_are_one_sentence(tmp_path, capsys, monkeypatch, argv, needle):
-    monkeypatch.setattr(urllib.request, "urlopen", _offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
     np.savez(tmp_path / "s.npz", arr_0=_images(9))
     base = {"--samples": str(tmp_path / "s.npz"), "--ref": str(tmp_path / "s.npz"), "--features": "digits"}
     for flag, value in zip(argv[::2], argv[1::2]):
@@ -181,7 +180,7 @@ def test_eval_cli_errors_are_one_sentence(tmp_path, capsys, monkeypatch, argv, n
     assert code == 2 and len(err) == 1 and needle in err[0]
 
 
-def _offline(url, timeout=None):
+def _offline(url, dst=None, hash_prefix=None, progress=True):
     raise urllib.error.URLError("network unreachable (test)")
 
 
@@ -292,3 +291,26 @@ def test_reference_statistics_and_arrays_are_checked(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and needle in err[0], (name, err)
         assert not (tmp_path / f"{name}.json").exists()
+
+
+def test_eval_device_runs_the_features_there(tmp_path, capsys, monkeypatch):
+    """Issue 12: ``eval --device`` puts the feature network on that device (the digit classifier was left on the
+    CPU); an unusable device is one sentence before any work."""
+    seen = []
+    real_init = features.DigitFeatures.__init__
+
+    def spy(self, device="cpu"):
+        real_init(self, device)
+        seen.append((str(self.device), str(next(self.net.parameters()).device)))
+
+    monkeypatch.setattr(features.DigitFeatures, "__init__", spy)
+    np.savez(tmp_path / "s.npz", arr_0=_images(21))
+    argv = ["eval", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"), "--features", "digits",
+            "--out", str(tmp_path / "e.json")]
+    assert main(argv + ["--device", "cpu"]) == 0
+    assert seen == [("cpu", "cpu")] and json.loads((tmp_path / "e.json").read_text())["device"] == "cpu"
+    capsys.readouterr()
+    bad = "tpu" if torch.cuda.is_available() else "cuda"
+    assert main(argv + ["--device", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ("--device" in err[0] or "CUDA" in err[0]) and len(seen) == 1

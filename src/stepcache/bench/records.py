@@ -1,4 +1,4 @@
-"""Benchmark records: environment capture, JSONL files keyed by a config hash, tables and plots.
+"""Benchmark records: environment capture, JSONL files keyed by a config hash, tables (plots: bench.figures).
 
 Each record is one JSON line ``{"key", "config", "environment", "time", "work", "quality"}``. The key is
 a hash of the config alone, so re-running a sweep with the same arguments appends nothing twice
@@ -63,19 +63,20 @@ def read_records(path: Path) -> list[dict]:
     return out
 
 
-def append_record(path: Path, record: dict) -> bool:
-    """Append ``record`` unless one with the same key is already there; True if written."""
+def append_record(path: Path, record: dict, replace: bool = False) -> bool:
+    """Append ``record`` unless one with the same key is already there (``replace``: the old one is dropped and
+    the new one appended); True if written."""
     from stepcache.io import atomic_write
 
     path = Path(path)
-    if any(r.get("key") == record["key"] for r in read_records(path)):
+    old = read_records(path)
+    if not replace and any(r.get("key") == record["key"] for r in old):
         return False
-    old = path.read_bytes() if path.is_file() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
+    kept = [r for r in old if r.get("key") != record["key"]]
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept + [record])
     # rewritten whole through a temporary file: a kill mid-append must not leave a half line that makes
     # every later read of the file fail
-    atomic_write(path, lambda f: f.write(old + (json.dumps(record, sort_keys=True) + "\n").encode()))
+    atomic_write(path, lambda f: f.write(lines.encode()))
     return True
 
 
@@ -86,17 +87,35 @@ def _fmt(value, spec: str) -> str:
 TABLE_COLUMNS = ("policy", "time s", "speedup", "ideal (MACs)", "PSNR dB", "SSIM", "class acc", "FD")
 
 
+NOISE_MARK = "*"
+NOISE_NOTE = (f"{NOISE_MARK} measured speedup above the ideal (MACs) one: the caching cannot save more than the "
+              "work it skips, so the excess is timing noise (a loaded machine, too few rounds).")
+
+
+def above_ideal(r: dict) -> bool:
+    """A measured speedup above the ideal one (beyond float rounding) can only be noise."""
+    return r["time"]["speedup"] > r["work"]["ideal_speedup"] * (1 + 1e-9)
+
+
 def table_row(r: dict) -> list[str]:
     q, t, w = r.get("quality", {}), r["time"], r["work"]
-    return [r["label"], f"{t['median_s']:.2f}", f"{t['speedup']:.2f}x", f"{w['ideal_speedup']:.2f}x",
+    mark = NOISE_MARK if above_ideal(r) else ""
+    return [r["label"], f"{t['median_s']:.2f}", f"{t['speedup']:.2f}x{mark}", f"{w['ideal_speedup']:.2f}x",
             _fmt(q.get("psnr"), ".1f"), _fmt(q.get("ssim"), ".3f"), _fmt(q.get("class_accuracy"), ".3f"),
             _fmt(q.get("frechet_distance"), ".2f")]
 
 
 def markdown_table(records: list[dict]) -> str:
-    """A markdown table of records (one row each) with the columns of :data:`TABLE_COLUMNS`."""
+    """A markdown table of records (one row each) with the columns of :data:`TABLE_COLUMNS`; a speedup above
+    the ideal one is marked and explained under the table. The speedup is the median of per-round ratios."""
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(table_row(r)) + " |" for r in records]
+    rounds = sorted({len(r["time"].get("runs_s", [])) for r in records} - {0})
+    if rounds:
+        lines += ["", f"speedup: median over {'/'.join(map(str, rounds))} interleaved round(s) of uncached time / "
+                      "cached time, within each round."]
+    if any(above_ideal(r) for r in records):
+        lines += ["", NOISE_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -108,34 +127,3 @@ def pareto_front(records: list[dict], quality: str = "ssim") -> list[dict]:
         and (o["time"]["speedup"], o["quality"][quality]) != (r["time"]["speedup"], r["quality"][quality])
         for o in pts)]
     return sorted(front, key=lambda r: r["time"]["speedup"])
-
-
-def pareto_plot(records: list[dict], path: Path, quality: str = "ssim", title: str = "") -> Path:
-    """Scatter of measured speedup vs ``quality`` per method, with each method's Pareto front; a PNG."""
-    from stepcache.errors import require
-
-    matplotlib = require("matplotlib", "Plotting")
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    methods = sorted({r["config"]["policy"]["method"] for r in records})
-    for m in methods:
-        rs = [r for r in records if r["config"]["policy"]["method"] == m and r["quality"].get(quality) is not None]
-        ax.scatter([r["time"]["speedup"] for r in rs], [r["quality"][quality] for r in rs], label=m, alpha=0.7)
-        front = pareto_front(rs, quality)
-        ax.plot([r["time"]["speedup"] for r in front], [r["quality"][quality] for r in front], alpha=0.6)
-    ax.set_xlabel("measured speedup (x)")
-    ax.set_ylabel(quality)
-    ax.set_title(title or f"speed vs {quality}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    from stepcache.io import atomic_write
-
-    try:
-        atomic_write(Path(path), lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
-    return Path(path)

@@ -1,4 +1,4 @@
-"""Measure one policy on one model: warm-up, median wall time of repeats, work (NFEs, MACs), quality.
+"""Measure policies on one model: warm-up, interleaved timing rounds, work (NFEs, MACs), quality.
 
 Every policy of a sweep samples the same seeds (image k's noise comes from its own generator seeded
 ``seed + k``, EDM-style), so cached images are compared image by image with the uncached ones (PSNR,
@@ -70,18 +70,50 @@ def run_once(model, noise, labels, settings: RunSettings, policy, steps=None, pr
     return images.float().cpu(), stats, seconds
 
 
-def timed(model, noise, labels, settings: RunSettings, policy, progress=False):
-    """Warm-up runs (2 uncached steps, same batch: some policies, e.g. L2C, are tied to the step count),
-    then ``repeats`` full runs: (images, stats, times)."""
+def warm_up(model, noise, labels, settings: RunSettings) -> None:
+    """``settings.warmup`` short uncached runs (2 steps, same batch: some policies, e.g. L2C, are tied to the
+    step count, so the warm-up does not run them)."""
     from stepcache.core.policy import NoCache
 
     for _ in range(settings.warmup):
         run_once(model, noise, labels, settings, NoCache(), steps=min(2, settings.num_steps))
-    times = []
-    for _ in range(settings.repeats):
-        images, stats, seconds = run_once(model, noise, labels, settings, policy, progress=progress)
-        times.append(seconds)
-    return images, stats, times
+
+
+def interleaved(model, noise, labels, settings: RunSettings, policies: list, progress=False, log=None) -> list:
+    """Warm-up, then ``settings.repeats`` rounds in each of which every policy runs once, in order:
+    [(images, stats, [seconds per round]), ...] in the order of ``policies``.
+
+    Why rounds: on a shared or throttling machine the speed drifts over minutes, and a baseline timed
+    minutes before a policy makes their ratio measure the drift. A ratio taken within one round sees
+    (nearly) the same machine; :func:`speedup` takes the median of those ratios."""
+    warm_up(model, noise, labels, settings)
+    out = [[None, None, []] for _ in policies]
+    for r in range(settings.repeats):
+        for k, policy in enumerate(policies):
+            if log is not None:
+                log(f"round {r + 1}/{settings.repeats}: {policy_label(policy)}")
+            images, stats, seconds = run_once(model, noise, labels, settings, policy, progress=progress)
+            out[k][0], out[k][1] = images, stats
+            out[k][2].append(seconds)
+    return [tuple(o) for o in out]
+
+
+def timed(model, noise, labels, settings: RunSettings, policy, progress=False):
+    """One policy alone: warm-up, then ``repeats`` full runs: (images, stats, times)."""
+    return interleaved(model, noise, labels, settings, [policy], progress)[0]
+
+
+def speedup(base_times: list[float] | None, times: list[float]) -> tuple[float, list[float]]:
+    """(median of the per-round ratios baseline / policy, the ratios); (1.0, []) without a baseline.
+
+    Rounds pair up by index (both lists come from one :func:`interleaved` call); a baseline of another
+    length (older records) falls back to the ratio of the medians."""
+    if not base_times:
+        return 1.0, []
+    if len(base_times) != len(times):
+        return statistics.median(base_times) / statistics.median(times), []
+    ratios = [b / t for b, t in zip(base_times, times)]
+    return statistics.median(ratios), ratios
 
 
 def quality(images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None, judge: bool) -> dict:
@@ -104,11 +136,16 @@ def make_config(model_id: dict, settings: RunSettings, policy) -> dict:
             **asdict(settings)}
 
 
-def make_record(config: dict, policy, times: list[float], stats, base_time: float | None, q: dict) -> dict:
-    median = statistics.median(times)
+def make_record(config: dict, policy, times: list[float], stats, base_times, q: dict) -> dict:
+    """One JSON record. ``base_times``: the uncached run's seconds per round of the same interleaved
+    measurement (a single float, or None for the baseline itself)."""
+    if isinstance(base_times, (int, float)):
+        base_times = [float(base_times)] * len(times)
+    ratio, ratios = speedup(base_times, times)
     return {
         "key": config_key(config), "label": policy_label(policy), "config": config, "environment": environment(),
-        "time": {"median_s": median, "runs_s": times, "speedup": (base_time / median) if base_time else 1.0},
+        "time": {"median_s": statistics.median(times), "runs_s": times, "speedup": ratio, "round_ratios": ratios,
+                 "interleaved": True},
         "work": {"nfe": stats.nfe, "macs_executed": stats.macs_executed, "macs_uncached": stats.macs_uncached,
                  "ideal_speedup": stats.ideal_speedup, "share_computed": stats.share_computed()},
         "quality": q, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

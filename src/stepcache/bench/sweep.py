@@ -1,8 +1,10 @@
 """``stepcache bench``'s library side: sweep policies x settings on one model and write the results.
 
-The uncached run (``NoCache``) goes first: its median time is the speedup's denominator and its images
-are the PSNR / SSIM reference. Configs whose key is already in the JSONL file are not re-measured
-(the baseline is re-sampled only when a new config needs it, and never appended twice).
+The uncached run (``NoCache``) is the PSNR / SSIM reference and the speedup's denominator: it runs in
+every timing round beside the policies (interleaved rounds, the speedup is the median of the per-round
+ratios, see ``runner.interleaved``). Configs whose key is already in the JSONL file are not re-measured
+unless ``force`` (the baseline is re-sampled only when a config needs it, and never appended twice;
+``force`` replaces the old records).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pathlib import Path
 import torch
 
 from stepcache.bench.methods import build_policy, method_unavailable, parse_spec
-from stepcache.bench.records import (append_record, config_key, markdown_table, pareto_plot, read_records)
-from stepcache.bench.runner import RunSettings, make_config, make_inputs, make_record, quality, timed
+from stepcache.bench.figures import pareto_plot
+from stepcache.bench.records import append_record, config_key, markdown_table, read_records
+from stepcache.bench.runner import RunSettings, interleaved, make_config, make_inputs, make_record, quality
 from stepcache.errors import ConfigError
 
 DEFAULT_SPECS = ("fora:interval=2", "fora:interval=3", "fora:interval=4", "fora:interval=5",
@@ -66,12 +69,13 @@ def runnable_specs(specs, settings: RunSettings, embedded: bool, log=print) -> l
 
 
 def sweep(loaded: LoadedModel, specs, settings: RunSettings, out_jsonl: Path, log=print,
-          progress: bool = False) -> list[dict]:
-    """Measure the baseline and every runnable spec; returns this sweep's records (old and new)."""
+          progress: bool = False, force: bool = False) -> list[dict]:
+    """Measure the baseline and every runnable spec not yet in ``out_jsonl`` (all of them when ``force``), in
+    interleaved rounds; returns this sweep's records (old and new)."""
     settings.validate()
     if not specs:
         raise ConfigError("There are no policies to benchmark.")
-    existing = {r["key"]: r for r in read_records(out_jsonl)}
+    existing = {} if force else {r["key"]: r for r in read_records(out_jsonl)}
     noise, labels = make_inputs(loaded.model, settings.num_samples, settings.seed)
     policies = [build_policy(s, settings.num_steps, settings.sampler, loaded.embedded)
                 for s in runnable_specs(specs, settings, loaded.embedded, log)]
@@ -80,22 +84,25 @@ def sweep(loaded: LoadedModel, specs, settings: RunSettings, out_jsonl: Path, lo
     todo = [config_key(c) not in existing for c in configs]
     records = [existing.get(config_key(c)) for c in configs]
     if not any(todo):
-        log("every config is already in the results file; nothing to measure")
+        log("every config is already in the results file; nothing to measure (--force re-measures)")
         return records
-    log(f"baseline: {settings.sampler}-{settings.num_steps}, {settings.num_samples} samples, cfg {settings.cfg_scale}")
-    ref, stats, times = timed(loaded.model, noise, labels, settings, base_policy, progress)
-    base = make_record(configs[0], base_policy, times, stats, None, quality(ref, labels, None, loaded.embedded))
+    log(f"baseline: {settings.sampler}-{settings.num_steps}, {settings.num_samples} samples, cfg {settings.cfg_scale}; "
+        f"{settings.repeats} interleaved rounds")
+    measured = [0] + [k for k in range(1, len(configs)) if todo[k]]
+    runs = interleaved(loaded.model, noise, labels, settings, [([base_policy] + policies)[k] for k in measured],
+                       progress)
+    (ref, stats, base_times), new = runs[0], dict(zip(measured[1:], runs[1:]))
+    base = make_record(configs[0], base_policy, base_times, stats, None, quality(ref, labels, None, loaded.embedded))
     if todo[0]:
-        append_record(out_jsonl, base)
+        append_record(out_jsonl, base, replace=force)
         records[0] = base
     for k, policy in enumerate(policies, start=1):
         if not todo[k]:
             log(f"{records[k]['label']}: already measured")
             continue
-        images, stats, times = timed(loaded.model, noise, labels, settings, policy, progress)
-        rec = make_record(configs[k], policy, times, stats, base["time"]["median_s"],
-                          quality(images, labels, ref, loaded.embedded))
-        append_record(out_jsonl, rec)
+        images, stats, times = new[k]
+        rec = make_record(configs[k], policy, times, stats, base_times, quality(images, labels, ref, loaded.embedded))
+        append_record(out_jsonl, rec, replace=force)
         records[k] = rec
         log(f"{rec['label']}: {rec['time']['median_s']:.2f} s, {rec['time']['speedup']:.2f}x")
     return records

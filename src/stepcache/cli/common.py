@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -180,14 +179,19 @@ def decode_latents(latents: torch.Tensor, vae: str):
         return model.decode(latents / 0.18215).sample, None
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """A quick TCP check, so offline machines fail at once instead of after minutes of retries."""
+def hub_reachable(host: str | None = None, timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub ($HF_ENDPOINT, else huggingface.co), so offline machines fail at once instead
+    of after minutes of retries; False under HF_HUB_OFFLINE=1."""
     import socket
+    from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+    from stepcache.downloads import hub_endpoint, hub_host, hub_offline
+
+    if hub_offline():
         return False
+    port = urlparse(hub_endpoint()).port or (80 if hub_endpoint().startswith("http:") else 443)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host or hub_host(), port), timeout=timeout).close()
         return True
     except OSError:
         return False

@@ -24,13 +24,16 @@ def add_parser(sub) -> None:
     p.add_argument("--features", choices=("inception", "digits"), default="inception",
                    help="feature network (default: %(default)s)")
     p.add_argument("--inception", type=Path, default=None,
-                   help="path of inception-2015-12-05.pt (default: $STEPCACHE_INCEPTION or "
-                        "~/.cache/stepcache/; downloaded when online)")
+                   help="path of inception-2015-12-05.pt, overriding the cache folder (default: $STEPCACHE_INCEPTION, "
+                        "else the file in $STEPCACHE_HOME, default ~/.cache/stepcache, downloaded there and "
+                        "checked against its pinned SHA-256 when online)")
     p.add_argument("--inception-sha256", default=None,
                    help="required SHA-256 of the Inception file (default: $STEPCACHE_INCEPTION_SHA256, else the "
-                        "digest recorded beside the file when it was first verified)")
+                        "pinned digest for the cached file, or the digest recorded beside an --inception file when it "
+                        "was first verified)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device for features and distances (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N: where the feature network (Inception / digit "
+                   "classifier) runs (default: cuda when available, else cpu)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON result file (default: the samples path with suffix .eval.json)")
     p.set_defaults(func=run)
@@ -39,6 +42,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
+    from stepcache.cli.common import resolve_device
     from stepcache.eval.adm import evaluate
     from stepcache.eval.features import load_extractor
 
@@ -47,6 +51,7 @@ def run(args) -> int:
     require_file(str(args.samples), "The npz file")
     if not str(args.ref).startswith("digits:"):
         require_file(str(args.ref), "The npz file")
+    device = str(resolve_device(args.device))  # a bad or absent device: one sentence before any work
     out = args.out or args.samples.with_suffix(".eval.json")
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder, not a file.")
@@ -54,12 +59,13 @@ def run(args) -> int:
     if args.features == "inception":
         from stepcache.eval.features import InceptionFeatures
 
-        extractor = InceptionFeatures(args.inception, device=args.device, sha256=args.inception_sha256)
+        extractor = InceptionFeatures(args.inception, device=device, sha256=args.inception_sha256)
     else:
-        extractor = load_extractor(args.features, args.inception, device=args.device)
-    result = evaluate(args.samples, args.ref, extractor, batch_size=args.batch_size, device=args.device)
+        extractor = load_extractor(args.features, args.inception, device=device)
+    result = evaluate(args.samples, args.ref, extractor, batch_size=args.batch_size, device=device)
     record = {"command": "eval", "samples": str(args.samples), "ref": str(args.ref), "features": args.features,
-              "feature_network_sha256": getattr(extractor, "sha256", None),
+              "device": device, "feature_network_sha256": getattr(extractor, "sha256", None),
+              "feature_network_official": getattr(extractor, "official", None),
               "result": result.as_dict(), "seconds": time.perf_counter() - start, "environment": environment()}
     write_json(out, record)
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):

@@ -1,11 +1,17 @@
 """Caching flags generated from the policy registry: one syntax for every subcommand that runs a model.
 
-``--cache METHOD`` picks a registered method (or ``--cache METHOD:key=value,...``, the spec syntax of
-``bench --policies``), and every setting of every registered config dataclass becomes a flag
-(``--interval``, ``--fresh-ratio``, ``--threshold``, ...; ``--cache-<name>`` where the name is taken
-by the subcommand). A flag left unset keeps the method's own default; a flag the chosen method does
-not have is refused naming the method's settings. A method added to the registry gets its flags
-with no edit here.
+Every subcommand (sample, sample-ddp, generate, bench, demo, tune) accepts the same two forms:
+
+- ``--cache METHOD`` (or ``--cache METHOD:key=value,...``) plus one flag per setting of every registered
+  config dataclass (``--interval``, ``--fresh-ratio``, ``--threshold``, ...). ``--cache-<name>`` works
+  everywhere, and is the only form where the subcommand has an option of that name (``bench
+  --cache-warmup``). A flag left unset keeps the method's default; a flag the chosen method does not
+  have is refused naming the method's settings;
+- ``--policies SPEC [SPEC ...]`` with ``SPEC = METHOD[:key=value,...]`` or a policy file from ``tune``.
+
+Subcommands that run one policy (sample, sample-ddp, generate) take one SPEC; those that compare
+(bench, demo, tune) take several, and ``--cache`` adds one more. A method added to the registry gets
+its flags with no edit here; this module is the one place that parses policies on the command line.
 """
 
 from __future__ import annotations
@@ -40,25 +46,36 @@ def _settings() -> dict[str, dict[str, tuple]]:
     return table
 
 
-def add_cache_options(parser: argparse.ArgumentParser) -> None:
+def add_cache_options(parser: argparse.ArgumentParser, *, many: bool = False, default_specs=None,
+                      files: bool = True, force_help: str | None = None) -> None:
+    """``--cache`` and its generated setting flags, ``--policies`` and (``files``) ``--policy FILE`` / ``--force``.
+
+    ``many``: the subcommand compares several policies (``--policies`` takes a list, ``default_specs`` when
+    nothing is asked for); otherwise it runs the one policy of ``--cache`` or ``--policies SPEC``."""
     g = parser.add_argument_group("caching (flags generated from the policy registry)")
     g.add_argument("--cache", default="none", metavar="METHOD[:k=v,...]", type=_cache_spec,
                    help=f"caching method: {', '.join(menu())} (default: %(default)s); settings may follow as "
                         "'fora:interval=3' or as the flags below")
-    g.add_argument("--policy", type=Path, default=None, metavar="FILE",
-                   help="a policy file written by `stepcache tune` (instead of --cache)")
-    g.add_argument("--force", action="store_true", help="use a --policy tuned for another model, sampler or steps")
+    shown = f" (default: {' '.join(default_specs)})" if default_specs else ""
+    g.add_argument("--policies", nargs="+", default=None, metavar="SPEC",
+                   help=("policy specs METHOD[:key=value,...] or tune's policy files, compared in one run; "
+                         "--cache adds one more" + shown) if many else
+                        "the policy as one spec METHOD[:key=value,...] (or a policy file), instead of --cache")
+    if files:
+        g.add_argument("--policy", type=Path, default=None, metavar="FILE",
+                       help="a policy file written by `stepcache tune` (" + ("measured beside the other policies)"
+                                                                             if many else "instead of --cache)"))
+        g.add_argument("--force", action="store_true",
+                       help=force_help or "use a --policy tuned for another model, sampler or steps")
     taken = set(parser._option_string_actions)
     dests = {}
     for name, per_method in sorted(_settings().items()):
-        flag = "--" + name.replace("_", "-")
-        if flag in taken:
-            flag = "--cache-" + name.replace("_", "-")
-        dest = "cache_opt_" + name
+        # --cache-<name> on every subcommand; the short --<name> too where the subcommand has no such option
+        flags = [f for f in ("--" + name.replace("_", "-"), "--cache-" + name.replace("_", "-")) if f not in taken]
         uses = ", ".join(f"{m} (default {_show(d)})" for m, (_, d) in per_method.items())
-        g.add_argument(flag, dest=dest, default=None, metavar="VALUE", help=f"setting of {uses}")
-        dests[name] = flag
-    parser.set_defaults(_cache_flags=dests)
+        g.add_argument(*flags, dest="cache_opt_" + name, default=None, metavar="VALUE", help=f"setting of {uses}")
+        dests[name] = flags[0]
+    parser.set_defaults(_cache_flags=dests, _policy_many=many, _default_specs=tuple(default_specs or ()))
 
 
 def _cache_spec(text: str) -> str:
@@ -75,10 +92,30 @@ def _show(value) -> str:
     return value.method if isinstance(value, PolicyConfig) else str(value)
 
 
+def _single(args) -> None:
+    """A one-policy subcommand given ``--policies SPEC``: the spec becomes ``--cache`` (or ``--policy``)."""
+    specs = getattr(args, "policies", None)
+    if not specs or getattr(args, "_policy_many", False):
+        return
+    if len(specs) > 1:
+        raise ConfigError(f"This subcommand runs one policy; --policies got {len(specs)} ({' '.join(specs)}).")
+    if str(args.cache) != "none" or getattr(args, "policy", None) is not None:
+        raise ConfigError("Give the policy once: --policies SPEC, --cache METHOD or --policy FILE.")
+    from stepcache.bench.methods import policy_file_spec
+
+    file_spec = policy_file_spec(specs[0])
+    if file_spec is not None:
+        args.policy, args.force = Path(file_spec[0]), bool(getattr(args, "force", False) or file_spec[1])
+    else:
+        args.cache = _cache_spec(specs[0])
+    args.policies = None
+
+
 def chosen_settings(args) -> tuple[str, dict]:
-    """(method, {setting: raw value}) from ``--cache`` and the flags that were set."""
+    """(method, {setting: raw value}) from ``--cache`` (or a one-policy ``--policies SPEC``) and the flags set."""
     from stepcache.bench.methods import parse_spec
 
+    _single(args)
     method, params = parse_spec(str(args.cache))
     if method not in menu():
         raise ConfigError(f"Unknown cache method {method!r}; choose one of {', '.join(menu())}.")
@@ -100,6 +137,33 @@ def chosen_settings(args) -> tuple[str, dict]:
             raise ConfigError(f"{where} does not apply to --cache {method} "
                               f"(its settings: {', '.join(sorted(fields))}).")
     return method, params
+
+
+def to_spec(method: str, params: dict) -> str:
+    """``("fora", {"interval": 3})`` -> ``"fora:interval=3"`` (the inverse of ``bench.methods.parse_spec``)."""
+    if not params:
+        return method
+    text = (v if isinstance(v, str) else json.dumps(v) for v in params.values())
+    return method + ":" + ",".join(f"{k}={v}" for k, v in zip(params, text))
+
+
+def requested_specs(args) -> list[str]:
+    """The policy specs a comparing subcommand (bench, demo, tune) was asked for: ``--policies``, then
+    ``--cache`` with its flags (the subcommand's default list when neither is given), then ``--policy FILE``.
+    ``--force`` marks the policy files as usable for another model, sampler or step count."""
+    from stepcache.bench.methods import policy_file_spec
+
+    specs = list(getattr(args, "policies", None) or [])
+    method, params = chosen_settings(args)
+    if method != "none":
+        specs.append(to_spec(method, params))
+    if not specs:
+        specs = list(getattr(args, "_default_specs", ()))
+    if getattr(args, "policy", None) is not None:  # a tuned policy is measured beside the list (or the defaults)
+        specs.append(str(args.policy))
+    if getattr(args, "force", False):
+        specs = [s + ":force=true" if policy_file_spec(s) and ":force" not in s else s for s in specs]
+    return specs
 
 
 def convert(method: str, name: str, value):

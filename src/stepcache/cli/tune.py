@@ -62,6 +62,10 @@ def add_parser(sub) -> None:
     from stepcache.cli.common import add_device_options
 
     add_device_options(p)
+    from stepcache.cli.policy_flags import add_cache_options
+
+    # the CLI's one policy syntax: --policies SPEC... and --cache METHOD --setting V add hand-picked comparisons
+    add_cache_options(p, many=True, files=False)
     p.set_defaults(func=run)
 
 
@@ -102,6 +106,9 @@ def run(args) -> int:
         unknown = sorted(set(args.methods) - set(menu()))
         if unknown:
             raise ConfigError(f"Unknown cache method {unknown[0]!r}; known: {', '.join(menu()[1:])}.")
+    from stepcache.cli.policy_flags import requested_specs
+
+    args.compare = list(args.compare) + requested_specs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = args.out_dir or args.out.with_name(args.out.stem + "_tune")

@@ -23,6 +23,7 @@ It has no spatial features, so sFID is reported as ``None``.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,18 +33,20 @@ import torch
 import torch.nn.functional as F
 
 from stepcache.errors import CheckpointError, ConfigError
-from stepcache.models.checkpoints import fetch
+from stepcache.downloads import ChecksumError, DownloadError, OfflineError, cache_home, fetch_file
 
 __all__ = ["ImageFeatures", "InceptionFeatures", "DigitFeatures", "extract_features", "load_extractor",
            "INCEPTION_URL", "default_inception_path"]
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
-# SHA-256 of the file at INCEPTION_URL. NVIDIA publishes no digest and this build was made offline, so it is
-# not pinned here: set $STEPCACHE_INCEPTION_SHA256 (or pass ``sha256=``) to enforce one. Without it the digest
-# seen when the file is first verified (downloaded, loaded as TorchScript, right output sizes) is kept beside
-# it (``.sha256``), and every later load must match it: a replaced or damaged file is refused.
-INCEPTION_SHA256: str | None = None
+# SHA-256 of the file at INCEPTION_URL (95,607,719 bytes). NVIDIA publishes none; this is the digest pinned for
+# that URL by k-diffusion (crowsonkb/k-diffusion, k_diffusion/evaluation.py, ``InceptionV3FeatureExtractor``)
+# and by several other public FID codes, and the Git LFS oid of Hub copies of the file
+# (huggingface.co/hngan/webui-models commit 1686c49). ``sha256=`` or $STEPCACHE_INCEPTION_SHA256 override it
+# (another build of the network). The digest is checked on download and on every load; the digest of a file
+# given by path is also kept beside it (``.sha256``) so that a later replacement is refused.
+INCEPTION_SHA256: str | None = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_SIZE = 299
 SPATIAL_CHANNELS = 7      # ADM: spatial[..., :7]
 # The TorchScript module's sequential layers up to (and including) mixed_6's first conv, as in the TF graph.
@@ -61,11 +64,12 @@ class ImageFeatures:
 
 
 def default_inception_path() -> Path:
-    """``$STEPCACHE_INCEPTION`` if set, else ``~/.cache/stepcache/inception-2015-12-05.pt``."""
+    """``$STEPCACHE_INCEPTION`` (a file path override, like ``--inception``) if set, else
+    ``inception-2015-12-05.pt`` in the one stepcache cache folder (``$STEPCACHE_HOME``, see stepcache.downloads)."""
     env = os.environ.get("STEPCACHE_INCEPTION")
     if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stepcache" / INCEPTION_FILE
+        return Path(env).expanduser()
+    return cache_home() / INCEPTION_FILE
 
 
 def tf_bilinear_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
@@ -89,22 +93,28 @@ class InceptionFeatures:
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", download: bool = True,
                  sha256: str | None = None):
+        given = bool(path) or bool(os.environ.get("STEPCACHE_INCEPTION"))
         path = Path(path) if path else default_inception_path()
-        expected = sha256 or os.environ.get("STEPCACHE_INCEPTION_SHA256") or INCEPTION_SHA256
+        override = sha256 or os.environ.get("STEPCACHE_INCEPTION_SHA256")
         if path.is_dir():
             raise CheckpointError(f"The FID Inception weights {path} are a folder, not the .pt file.")
         if not path.is_file():
             if not download:
                 raise CheckpointError(f"The FID Inception weights {path} do not exist.")
             try:  # atomic, and renamed into place only after the checksum and a trial load pass
-                fetch(INCEPTION_URL, path, timeout=10.0, verify=lambda tmp: _load_inception(tmp, "cpu", expected))
-            except CheckpointError as exc:
-                if "checksum" in str(exc) or "not the TorchScript" in str(exc):
-                    raise
+                fetch_file(INCEPTION_URL, path, sha256=override or INCEPTION_SHA256, flag="--inception",
+                           verify=lambda tmp: _load_inception(tmp, "cpu", None))
+            except (OfflineError, ChecksumError):
+                raise
+            except DownloadError:
                 raise CheckpointError(
                     f"The FID Inception weights are not at {path} and could not be downloaded from {INCEPTION_URL}; "
                     "download that file and pass its path with --inception.") from None
-        self.net, self.sha256 = _load_inception(path, device, expected or _remembered_digest(path))
+        # The file in the cache folder must be the pinned one; a file the user names (--inception,
+        # $STEPCACHE_INCEPTION) must match --inception-sha256 when given, else the digest it had when first used.
+        expected = override or (_remembered_digest(path) if given else INCEPTION_SHA256)
+        self.net, self.sha256 = _load_inception(path, device, expected)
+        self.official = self.sha256 == INCEPTION_SHA256
         _remember_digest(path, self.sha256)
         self.device = torch.device(device)
 
@@ -176,8 +186,9 @@ class DigitFeatures:
             from stepcache.eval.digits import load_digit_classifier
         except ModuleNotFoundError as exc:
             raise CheckpointError(f"The digit classifier is not available ({exc.name} is missing).") from None
-        self.net = load_digit_classifier()
         self.device = torch.device(device)
+        net = load_digit_classifier()  # shared and cached on the CPU: a copy goes to another device
+        self.net = net if self.device.type == "cpu" else copy.deepcopy(net).to(self.device)
 
     @staticmethod
     def to_input(images: np.ndarray) -> torch.Tensor:

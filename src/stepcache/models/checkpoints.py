@@ -2,9 +2,10 @@
 
 The official files (Peebles & Xie, arXiv 2212.09748; https://dl.fbaipublicfiles.com/DiT/models/) are plain
 state dicts with the key names of ``stepcache.models.dit``; training checkpoints of the DiT code are dicts
-with ``"model"`` and ``"ema"`` entries (the EMA weights are the ones to sample with). No hashes of the
-official files are published, so a download is verified by loading it as a state dict whose keys and
-shapes are exactly those of the expected model (DiT-XL/2 at the file's resolution).
+with ``"model"`` and ``"ema"`` entries (the EMA weights are the ones to sample with). Meta publishes no
+digests; where independent public copies agree on one (see :data:`OFFICIAL_SHA256`) it is pinned, and every
+download is also verified by loading it as a state dict whose keys and shapes are exactly those of the
+expected model (DiT-XL/2 at the file's resolution). Downloads go to ``stepcache.downloads.cache_home()``.
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ import json
 import math
 import os
 import re
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from stepcache.errors import CheckpointError, ConfigError, ModelMismatchError
-from stepcache.io import atomic_write, current_umask
+from stepcache.downloads import cache_home, fetch_file
+from stepcache.io import atomic_write
 from stepcache.models.dit import PRESETS, DiT, parse_preset, register_loader
 
 BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models/"
 # official file name -> (preset, latent input_size = image size / 8)
 OFFICIAL = {"DiT-XL-2-256x256.pt": ("DiT-XL/2", 32), "DiT-XL-2-512x512.pt": ("DiT-XL/2", 64)}
+# SHA-256 of the files at BASE_URL. DiT-XL-2-256x256.pt (2,700,611,775 bytes): the Git LFS pointers of two
+# independent Hub copies of the official file (huggingface.co/mytcl/DiT commit 323696d and
+# huggingface.co/iasudakov/model_checkpoints commit 8b50e65, both "oid sha256:9ec1876e...", size 2700611775) and
+# the digest pinned for the dl.fbaipublicfiles.com download by public DiT evaluation code on GitHub.
+# DiT-XL-2-512x512.pt: no public digest was found, so it is not pinned: its download is verified by structure
+# only (keys and shapes of DiT-XL/2 at 512 px), i.e. trust on first use.
+OFFICIAL_SHA256 = {"DiT-XL-2-256x256.pt": "9ec1876e4c03471bca126663a30e2d1b20610b6d2f87850a39a36f25cc685521"}
 REQUIRED_KEYS = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight",
                  "final_layer.linear.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
 CONFIG_KEY = "stepcache.dit_config"  # safetensors metadata entry written by save_dit
@@ -37,32 +43,8 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 # ---------------------------------------------------------------------------------------------- files
 def cache_dir(download_dir: str | os.PathLike | None = None) -> Path:
-    """Where official checkpoints are kept: ``download_dir``, else $STEPCACHE_HOME, else ~/.cache/stepcache."""
-    if download_dir is not None:
-        return Path(download_dir)
-    return Path(os.environ.get("STEPCACHE_HOME") or Path.home() / ".cache" / "stepcache")
-
-
-def fetch(url: str, dest: Path, verify=None, chunk: int = 1 << 20, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` atomically: a temporary file in the same folder, checked by
-    ``verify(tmp_path)`` and renamed only when complete and valid; nothing half-written is left behind."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while block := response.read(chunk):
-                out.write(block)
-        if verify is not None:
-            verify(Path(tmp))
-        os.chmod(tmp, 0o666 & ~current_umask())  # as open() would; mkstemp makes 0600
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
-        raise CheckpointError(f"Could not download {url} ({getattr(err, 'reason', err)}); check the network "
-                              f"or pass a local checkpoint file.") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+    """Where official checkpoints are kept: ``download_dir``, else ``stepcache.downloads.cache_home()``."""
+    return Path(download_dir) if download_dir is not None else cache_home()
 
 
 def resolve(name_or_path: str | os.PathLike, download_dir=None) -> Path:
@@ -75,7 +57,8 @@ def resolve(name_or_path: str | os.PathLike, download_dir=None) -> Path:
         cached = cache_dir(download_dir) / name
         if cached.is_file():
             return cached
-        return fetch(BASE_URL + name, cached, verify=lambda tmp: verify_official(tmp, name))
+        return fetch_file(BASE_URL + name, cached, sha256=OFFICIAL_SHA256.get(name),
+                          verify=lambda tmp: verify_official(tmp, name), flag="--ckpt")
     raise CheckpointError(f"No checkpoint file at {name!r}; give an existing path or one of the official names "
                           f"{', '.join(OFFICIAL)}.")
 

@@ -84,33 +84,54 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def heatmap(logits: torch.Tensor, threshold: float, path, title: str = "") -> Path:
-    """PNG: beta of every unit at every cache step, skipped units marked with a dot."""
+def heatmap_figure(logits: torch.Tensor, threshold: float, title: str = ""):
+    """The figure of :func:`heatmap`: integer ticks on both axes (units and cache steps are counts), a title
+    wrapped to the figure's width."""
+    import textwrap
+
     from stepcache.errors import require
 
     matplotlib = require("matplotlib", "Plotting")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     S = logits.shape[0]
     rows = [i for i in range(S - 1, -1, -1) if is_cache_step(i, S)]
     beta = torch.sigmoid(logits.float())[rows]  # (cache steps, 2D)
     skip = beta <= threshold
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.18 * beta.shape[1] + 1.5), max(2.5, 0.28 * len(rows) + 1.2)))
+    width = max(4.0, 0.18 * beta.shape[1] + 1.5)
+    fig, ax = plt.subplots(figsize=(width, max(2.5, 0.28 * len(rows) + 1.2)))
     im = ax.imshow(beta.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ys, xs = torch.nonzero(skip, as_tuple=True)
-    ax.scatter(xs.numpy(), ys.numpy(), s=6, c="white", marker="o", label=f"skipped (beta <= {threshold})")
-    ax.set_yticks(range(len(rows)), [str(i) for i in rows])
+    ax.scatter(xs.numpy(), ys.numpy(), s=6, c="white", edgecolors="black", linewidths=0.3, marker="o",
+               label=f"skipped (beta <= {threshold})")
+    step = max(1, len(rows) // 25)  # at most ~25 step labels, every one an integer step index
+    ax.set_yticks(range(0, len(rows), step), [str(rows[k]) for k in range(0, len(rows), step)])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(-0.5, beta.shape[1] - 0.5)
     ax.set_xlabel("unit (2l: attention of layer l, 2l+1: its MLP)")
     ax.set_ylabel("cache step i")
-    ax.set_title(title or f"L2C router: {int(skip.sum())}/{skip.numel()} cache-step units skipped")
+    text = title or f"L2C router: {int(skip.sum())}/{skip.numel()} cache-step units skipped"
+    ax.set_title("\n".join(textwrap.wrap(text, max(24, int(width * 11)))), fontsize=10)
     fig.colorbar(im, ax=ax, label="beta = sigmoid(logit)")
     if len(xs):
-        ax.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
+        # below the axes (kept by the tight bounding box), where it hides no cell
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=7, frameon=False)
+    return fig
+
+
+def heatmap(logits: torch.Tensor, threshold: float, path, title: str = "") -> Path:
+    """PNG: beta of every unit at every cache step, skipped units marked with a dot; saved with a tight bounding
+    box so that a long title or tick labels are never clipped."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(logits, threshold, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
