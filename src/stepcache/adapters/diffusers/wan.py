@@ -18,7 +18,7 @@ apply stepcache to the pipeline's ``transformer`` only (the low-noise steps then
 
 from __future__ import annotations
 
-import torch
+import math
 
 from stepcache.adapters.base import register_adapter
 from stepcache.adapters.diffusers.common import BlockGroup, DiffusersAdapter, Site
@@ -64,6 +64,5 @@ class WanAdapter(DiffusersAdapter):
 
     def _fixed_macs(self, model):
         per_image, per_text, per_row = super()._fixed_macs(model)
-        conv = model.patch_embedding  # Conv3d, one output position per token
-        return per_image + conv.in_channels * conv.out_channels * int(torch.tensor(conv.kernel_size).prod()), \
-            per_text, per_row
+        conv = model.patch_embedding  # Conv3d (the base counts Linear and Conv2d): one output position per token
+        return per_image + conv.in_channels * conv.out_channels * math.prod(conv.kernel_size), per_text, per_row
