@@ -390,3 +390,39 @@ def test_bfloat16_runs_cached(family):
         out = run(pipe, dtype=torch.bfloat16)
         stats = handle.stats()
     assert torch.isfinite(out.float()).all() and stats.macs_executed < stats.macs_uncached
+
+
+@pytest.mark.parametrize("variant,frames,tokens", [("rope", 3, 48), ("rope+temporal-patches", 4, 32)])
+def test_cogvideox_5b_and_1_5_layouts(variant, frames, tokens):
+    """CogVideoX-5b's RoPE and CogVideoX 1.5's temporal patches (p_t = 2: F/2 x H/p x W/p tokens): exact no-op,
+    exact MACs, ToCa saves work."""
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    extra = dict(use_rotary_positional_embeddings=True)
+    if variant != "rope":
+        extra.update(patch_size_t=2, use_learned_positional_embeddings=False)
+    torch.manual_seed(0)
+    tr = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                     time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8,
+                                     sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                     max_text_seq_length=6, **extra)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+                             scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction",
+                                                              timestep_spacing="trailing", rescale_betas_zero_snr=True))
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne, latents = _randn(1, 6, 16, seed=0), _randn(1, 6, 16, seed=1), _randn(1, frames, 4, 8, 8, seed=2)
+
+    def run(p, steps=STEPS):
+        return p(prompt=None, prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64,
+                 num_frames=(frames - 1) * 4 + 1, num_inference_steps=steps, guidance_scale=6.0, output_type="latent",
+                 latents=latents).frames
+
+    base = run(pipe)
+    counted = _count_macs(pipe, "cogvideox", run)
+    with stepcache.apply(pipe, FORA(1)) as handle:
+        assert torch.equal(run(pipe), base)
+        assert handle.info.num_tokens == tokens and handle.stats().macs_uncached == counted
+    with stepcache.apply(pipe, ToCa(interval=2, fresh_ratio=0.3, **TOCA["cogvideox"])) as handle:
+        out = run(pipe)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    assert handle.stats().macs_executed < handle.stats().macs_uncached
