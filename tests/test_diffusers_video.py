@@ -426,3 +426,22 @@ def test_cogvideox_5b_and_1_5_layouts(variant, frames, tokens):
         out = run(pipe)
     assert torch.isfinite(out).all() and not torch.equal(out, base)
     assert handle.stats().macs_executed < handle.stats().macs_uncached
+
+
+def test_toca_checks_the_bonus_cells_against_the_called_resolution():
+    """The token grid is read at call time: a video whose frames are 3 x 3 tokens cannot take 2 x 2 bonus cells,
+    said in one sentence before the first step (not a reshape error inside the score); bonus=0 runs."""
+    pipe = build_wan()
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(prompt=None, prompt_embeds=_randn(1, 6, 16, seed=0), negative_prompt_embeds=_randn(1, 6, 16, seed=1),
+                    height=48, width=48, num_frames=5, num_inference_steps=3, guidance_scale=5.0,
+                    output_type="latent").frames
+
+    with stepcache.apply(pipe, ToCa(interval=2, bonus_grid=2)) as handle:
+        with pytest.raises(ConfigError, match="got 6x3"):
+            run()
+        assert handle.stats().nfe == 0
+    with stepcache.apply(pipe, ToCa(interval=2, bonus=0.0)) as handle:
+        assert torch.isfinite(run()).all() and handle.info.grid == (6, 3)
