@@ -435,9 +435,9 @@ def test_toca_checks_the_bonus_cells_against_the_called_resolution():
     pipe.set_progress_bar_config(disable=True)
 
     def run():
-        return pipe(prompt=None, prompt_embeds=_randn(1, 6, 16, seed=0), negative_prompt_embeds=_randn(1, 6, 16, seed=1),
-                    height=48, width=48, num_frames=5, num_inference_steps=3, guidance_scale=5.0,
-                    output_type="latent").frames
+        return pipe(prompt=None, prompt_embeds=_randn(1, 6, 16, seed=0),
+                    negative_prompt_embeds=_randn(1, 6, 16, seed=1), height=48, width=48, num_frames=5,
+                    num_inference_steps=3, guidance_scale=5.0, output_type="latent").frames
 
     with stepcache.apply(pipe, ToCa(interval=2, bonus_grid=2)) as handle:
         with pytest.raises(ConfigError, match="got 6x3"):

@@ -21,8 +21,8 @@ import numpy as np
 
 from stepcache.errors import CheckpointError, StepcacheError
 
-__all__ = ["OutputError", "save_video", "to_uint8", "atomic_write", "write_json", "write_png", "read_png", "png_ok", "save_grid",
-           "save_npz", "file_sha256", "check_output_dir", "current_umask"]
+__all__ = ["OutputError", "to_uint8", "atomic_write", "write_json", "write_png", "read_png", "png_ok", "save_grid",
+           "save_npz", "save_video", "file_sha256", "check_output_dir", "current_umask"]
 
 
 class OutputError(StepcacheError):
