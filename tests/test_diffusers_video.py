@@ -445,3 +445,20 @@ def test_toca_checks_the_bonus_cells_against_the_called_resolution():
         assert handle.stats().nfe == 0
     with stepcache.apply(pipe, ToCa(interval=2, bonus=0.0)) as handle:
         assert torch.isfinite(run()).all() and handle.info.grid == (6, 3)
+
+
+def test_calibration_feeds_magcache_and_teacache(family):
+    """The `stepcache calibrate` recorder on a video pipeline: one magnitude ratio per step and TeaCache's
+    polynomial from block 0's modulated input (Wan: both CFG calls of each step); the policies then run on it."""
+    from stepcache.training.calibrate import calibrate
+
+    name, pipe, run, base = family
+    steps = 6  # TeaCache's degree-4 fit needs at least 5 (input change, output change) pairs
+    record = calibrate(pipe, lambda: run(pipe, steps=steps))
+    assert record["num_steps"] == steps and len(record["mag_ratios"]) == steps
+    assert record["pairs"] == (steps - 1) * CALLS_PER_STEP[name] and len(record["teacache_coefficients"]) == 5
+    for policy in (MagCache(threshold=0.5, mag_ratios=tuple(record["mag_ratios"])),
+                   TeaCache(threshold=1.0, coefficients=tuple(record["teacache_coefficients"]))):
+        with stepcache.apply(pipe, policy) as handle:
+            out = run(pipe, steps=steps)
+        assert torch.isfinite(out).all() and handle.stats().macs_executed < handle.stats().macs_uncached, policy
