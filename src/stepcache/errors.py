@@ -32,7 +32,8 @@ class MissingDependencyError(StepcacheError, ImportError):
 
 
 # import name -> (pip name, the extra that installs it)
-OPTIONAL = {"scipy": ("scipy", "eval"), "sklearn": ("scikit-learn", "eval"), "matplotlib": ("matplotlib", "bench")}
+OPTIONAL = {"scipy": ("scipy", "eval"), "sklearn": ("scikit-learn", "eval"), "matplotlib": ("matplotlib", "bench"),
+            "imageio": ("imageio", "video"), "imageio_ffmpeg": ("imageio-ffmpeg", "video")}
 
 
 def require(module: str, purpose: str):

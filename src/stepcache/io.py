@@ -22,7 +22,7 @@ import numpy as np
 from stepcache.errors import CheckpointError, StepcacheError
 
 __all__ = ["OutputError", "to_uint8", "atomic_write", "write_json", "write_png", "read_png", "png_ok", "save_grid",
-           "save_npz", "file_sha256", "check_output_dir", "current_umask"]
+           "save_npz", "save_video", "file_sha256", "check_output_dir", "current_umask"]
 
 
 class OutputError(StepcacheError):
@@ -170,4 +170,39 @@ def check_output_dir(path: str | os.PathLike, option: str = "--out-dir") -> Path
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"{option} {path} is not a writable folder ({exc.strerror}).") from None
+    return path
+
+
+def save_video(path: str | os.PathLike, frames, fps: float = 24.0) -> Path:
+    """Write ``frames`` (T, H, W, 3) — uint8, or floats in [0, 1] as diffusers' video pipelines return with
+    ``output_type="np"`` (a list of PIL images works too) — as an mp4 (H.264 through imageio-ffmpeg) or a GIF
+    (by the suffix of ``path``). imageio is optional (``pip install 'stepcache[video]'``): without it, one
+    sentence says so. The file appears whole or not at all (written beside it, then renamed)."""
+    from stepcache.errors import ConfigError, require
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".mp4", ".gif"):
+        raise ConfigError(f"A video is written as .mp4 or .gif, got {path.name!r}.")
+    imageio = require("imageio.v2", f"Writing {suffix} video")
+    if suffix == ".mp4":
+        require("imageio_ffmpeg", "Writing .mp4 video")  # the ffmpeg binary
+    video = np.stack([np.asarray(f) for f in frames])  # (T, H, W, 3)
+    if video.dtype != np.uint8:
+        video = (np.clip(video.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ConfigError(f"Video frames must have shape (T, H, W, 3), got {video.shape}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.partial{suffix}")  # the writer picks its format by the suffix
+    try:
+        if suffix == ".mp4":  # macro_block_size=1: no resizing to multiples of 16 (x264 needs even sides)
+            imageio.mimwrite(tmp, video, fps=fps, macro_block_size=1)
+        else:
+            imageio.mimwrite(tmp, video, duration=1000.0 / fps, loop=0)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"Cannot write {path} ({exc.strerror or type(exc).__name__}).") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

@@ -7,6 +7,6 @@ from stepcache.adapters import uvit as _uvit  # noqa: F401  (registers UViTAdapt
 from stepcache.adapters.diffusers.common import diffusers_available
 
 if diffusers_available():  # diffusers itself is imported lazily: matching is by class name and module
-    from stepcache.adapters.diffusers import dit, flux, pixart, sd3  # noqa: F401
+    from stepcache.adapters.diffusers import cogvideox, dit, flux, ltx, pixart, sd3, wan  # noqa: F401
 
 __all__ = ["Adapter", "find_adapter", "register_adapter", "supported_models"]

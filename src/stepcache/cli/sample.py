@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ckpt", default=None, help="checkpoint file (.pt or .safetensors); default: the official one")
     p.add_argument("--random-weights", action="store_true", help="random weights (timing only, no checkpoint)")
     p.add_argument("--image-size", type=int, choices=(256, 512), default=256, help="(default: %(default)s)")
-    p.add_argument("--vae", choices=("ema", "mse"), default="ema", help="SD VAE variant (default: %(default)s)")
+    p.add_argument("--vae", default="ema", help="DiT: SD VAE variant, ema or mse (default: %(default)s); STDiT3: a "
+                   "diffusers AutoencoderKL folder or hub id, decoded per latent frame into a video")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++2s"), default="ddpm",
                    help="dpm-solver++2s: 2 model calls per step (default: %(default)s)")
     p.add_argument("--num-sampling-steps", type=positive_int, default=250, help="(default: %(default)s)")
@@ -75,6 +76,8 @@ def run(args) -> int:
     DDPM-250 baseline takes minutes): options, output folder, model, and the policy against the model."""
     if is_video_model(args.model):
         return run_video(args)
+    if args.vae not in ("ema", "mse"):
+        raise ConfigError(f"--vae must be ema or mse for {args.model}, got {args.vae!r}.")
     check_guidance_and_interval(args)
     device, _ = placement(args)  # a device this machine lacks fails before anything is written or loaded
     check_output_dir(args.out_dir)

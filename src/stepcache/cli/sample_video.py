@@ -1,9 +1,13 @@
 """``stepcache sample --model STDiT3-XL/2``: OpenSora v1.2 text-to-video latents, optionally cached.
 
 Text comes from ``--prompt-embeds`` (a torch file with ``y`` (n, 1, L, 4096) and ``mask`` (n, L)) or from
-``--prompt`` through T5-XXL (transformers; needs the weights). stepcache has no OpenSora VAE (SDXL's 2-D VAE
-plus OpenSora's temporal VAE): the latents are saved with a note on decoding them; with ``imageio`` installed
-a preview GIF of latent channels 0-2 is written as well.
+``--prompt`` through T5-XXL (transformers; needs the weights). The latents are always saved. OpenSora's own
+VAE (SDXL's 2-D VAE plus its temporal VAE) is not available offline: with ``--vae`` (a diffusers
+``AutoencoderKL`` folder or hub id) every latent frame is decoded by that 2-D VAE, the documented substitute
+(:mod:`stepcache.cli.video_vae`), and written as an mp4 (or GIF, ``--video-format``) through imageio; without it
+a note says how to decode them. With ``imageio`` installed a preview GIF of latent channels 0-2 is written too.
+``--dtype bf16`` runs the model in bfloat16 as the official inference does (noise and sizes in bf16, the
+schedule and the Euler update in float32: the latents become float32 after the first update).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def add_video_options(p) -> None:
     g.add_argument("--resolution", choices=tuple(RESOLUTIONS), default="240p", help="9:16 (default: %(default)s)")
     g.add_argument("--num-frames", type=int, default=51, help="pixel frames (default: %(default)s)")
     g.add_argument("--fps", type=float, default=24.0, help="(default: %(default)s)")
+    g.add_argument("--video-format", choices=("mp4", "gif"), default="mp4",
+                   help="container of the decoded video with --vae (default: %(default)s)")
     p.set_defaults(parser_defaults={a.dest: a.default for a in p._actions})
 
 
@@ -66,18 +72,19 @@ def run(args) -> int:
     for name, value in VIDEO_DEFAULTS.items():  # DiT's defaults do not fit OpenSora
         if getattr(args, name) == args.parser_defaults.get(name):
             setattr(args, name, value)
-    device, _ = placement(args)  # a device this machine lacks fails before the model is loaded
-    if getattr(args, "dtype", "fp32") != "fp32":
-        raise ConfigError("--dtype bf16/fp16 is not available for STDiT3 video models yet; use --dtype fp32.")
+    device, dtype = placement(args)  # a device this machine lacks fails before the model is loaded
+    if dtype == torch.float16:
+        raise ConfigError("--dtype fp16 is not supported for STDiT3 video models (the official run is bf16); "
+                          "use --dtype bf16 or fp32.")
     policy = build_policy(args)
     if args.random_weights:
         model = STDiT3.from_preset(args.model)
         _randomize(model, args.seed)
     else:
         model = load_stdit3(args.ckpt or OFFICIAL_REPO, args.model)
-    model = model.to(device)
+    model = model.to(device=device, dtype=dtype)
     y, mask = _text(args, model)
-    y, mask = y.to(device), mask.to(device)
+    y, mask = y.to(device=device, dtype=dtype), mask.to(device)
     height, width = RESOLUTIONS[args.resolution]
     n = y.shape[0]
     frames = args.num_frames
@@ -86,30 +93,56 @@ def run(args) -> int:
     latent_frames = frames // 17 * 5 + -(-(frames % 17) // 4)  # OpenSora VAE: chunks of 17 -> 5, rest / 4 up
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(n, model.in_channels, latent_frames, height // 8, width // 8, generator=g)  # VAE: floor
-    noise = noise.to(device)  # drawn on the CPU: the same noise on every device
+    noise = noise.to(device=device, dtype=dtype)  # drawn on the CPU in float32: the same noise on every device
+    # sizes as tensors of the model dtype, as the official bf16 run builds them (854 is 856 in bf16)
+    sizes = {k: torch.tensor([float(v)] * n, device=device, dtype=dtype)
+             for k, v in (("height", height), ("width", width), ("num_frames", frames), ("fps", args.fps))}
     synchronize(device)
     start = time.perf_counter()
     latents, stats = stepcache.sample(model, noise, y, num_steps=args.num_sampling_steps, sampler="rflow",
                                       cfg_scale=args.cfg_scale, policy=policy or stepcache.NoCache(), mask=mask,
-                                      height=height, width=width, num_frames=frames, fps=args.fps, progress=True,
-                                      return_stats=True)
+                                      progress=True, return_stats=True, **sizes)
     synchronize(device)
     seconds = time.perf_counter() - start
-    latents = latents.cpu()
+    latents = latents.float().cpu()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"stdit3-{args.resolution}-{frames}f-seed{args.seed}"
     torch.save({"latents": latents, "height": height, "width": width, "num_frames": frames, "fps": args.fps},
                f"{stem}.pt")
-    note = (f"latents saved to {stem}.pt; stepcache has no OpenSora VAE (SDXL VAE + temporal VAE): decode them "
-            "with OpenSora's VideoAutoencoderPipeline (hpcai-tech/OpenSora-VAE-v1.2).")
+    videos = _decode(args, latents, stem, device)
+    if videos:
+        note = (f"latents saved to {stem}.pt; decoded per latent frame by the 2-D VAE {args.vae} (a substitute for "
+                f"OpenSora's spatial + temporal VAE): {', '.join(videos)}")
+    else:
+        note = (f"latents saved to {stem}.pt; no OpenSora VAE (SDXL VAE + temporal VAE) here: decode them with "
+                "OpenSora's VideoAutoencoderPipeline (hpcai-tech/OpenSora-VAE-v1.2), or pass --vae (a diffusers "
+                "AutoencoderKL) for a per-frame substitute.")
     preview = _preview(latents, f"{stem}-latent-preview.gif", args.fps)
     record = {"command": "sample", "model": args.model, "policy": policy.to_dict() if policy else {"method": "none"},
-              "result": {"seconds": seconds, **stats.as_dict()}, "latents": f"{stem}.pt", "note": note,
-              "preview": preview, "environment": environment()}
+              "dtype": str(dtype).removeprefix("torch."), "result": {"seconds": seconds, **stats.as_dict()},
+              "latents": f"{stem}.pt", "videos": videos, "note": note, "preview": preview,
+              "environment": environment()}
     write_json(Path(f"{stem}.json"), record)
     print(note)
     print(stats.summary())
     return 0
+
+
+def _decode(args, latents: torch.Tensor, stem: Path, device) -> list[str]:
+    """With ``--vae``: each sample decoded per latent frame and written as ``{stem}[-k].mp4`` (or .gif)."""
+    if args.vae in (None, "ema", "mse"):  # DiT's SD VAE choices: no video VAE given
+        return []
+    from stepcache.cli.video_vae import decode_per_frame, load_vae
+    from stepcache.io import save_video
+
+    vae = load_vae(args.vae, device, torch.float32)
+    pixels = decode_per_frame(vae, latents)  # (n, T', H, W, 3) uint8
+    paths = []
+    for k, video in enumerate(pixels):
+        path = f"{stem}{'' if len(pixels) == 1 else f'-{k}'}.{args.video_format}"
+        save_video(path, video, fps=args.fps)
+        paths.append(path)
+    return paths
 
 
 def _randomize(model, seed: int) -> None:

@@ -279,15 +279,25 @@ class ToCaPolicy(Policy):
         config = config.resolved(variant)
         super().__init__(config, info)
         self.pixart = variant == "pixart"
-        h, w = info.grid
-        if config.bonus > 0 and (h % config.bonus_grid or w % config.bonus_grid):
-            raise ConfigError(f"ToCa's spatial bonus needs a token grid divisible by bonus_grid="
-                              f"{config.bonus_grid}, got {h}x{w}; set bonus=0 or another bonus_grid.")
+        self._check_grid()
         if config.needs_attention_map and "attention_map" not in info.capabilities:
             usable = ", ".join(x for x in S.SCORES if x not in S.MAP_SCORES)
             raise ConfigError(f"ToCa score {config.score!r} needs an attention map, which {info.family} cannot "
                               f"give (joint attention); choose one of {usable}.")
         self.reset(None)
+
+    def _check_grid(self) -> None:
+        h, w = self.info.grid
+        g = self.config.bonus_grid
+        if self.config.bonus > 0 and (h % g or w % g):
+            raise ConfigError(f"ToCa's spatial bonus needs a token grid divisible by bonus_grid={g}, got {h}x{w}; "
+                              "set bonus=0 or another bonus_grid.")
+
+    def reset(self, run) -> None:
+        """A new run. diffusers models publish their token grid at call time (the resolution of the call), so
+        the bonus cells are checked again here, before the run's first step."""
+        super().reset(run)
+        self._check_grid()
 
     def new_call_state(self) -> "ToCaState":
         return ToCaState(self.config.interval, self.info.depth)

@@ -67,7 +67,8 @@ class BlockGroup:
     ``stream``: how a block takes and returns its hidden states, for spans of blocks:
     ``"hidden"`` — ``block(hidden_states, ...) -> hidden_states``; ``"pair"`` —
     ``block(hidden_states, encoder_hidden_states, ...) -> (encoder_hidden_states, hidden_states)``
-    (SD3, FLUX). A span's residual of pair blocks is [image; text] along dim 1 (image tokens first).
+    (SD3, FLUX); ``"image_pair"`` — the same inputs, returning ``(hidden_states, encoder_hidden_states)``
+    (CogVideoX). A span's residual of pair blocks is [image; text] along dim 1 (image tokens first).
     """
 
     block_class: str
@@ -307,7 +308,8 @@ def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle, b
     """A block routed through ``handle.block`` so that spans of blocks can be computed or skipped.
     The blocks' own adaLN work is part of the model's fixed work here (a skipped block's is still counted
     as executed: the accounting errs on the side of less saving)."""
-    pair = group.stream == "pair"
+    pair = group.stream in ("pair", "image_pair")
+    image_first = group.stream == "image_pair"  # CogVideoX returns (hidden, encoder)
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
@@ -324,12 +326,13 @@ def _span_block(original, layer: int, group: BlockGroup, sites: tuple, handle, b
         x = h if e is None else torch.cat([h, e], dim=1)  # (B, T + L, D)
 
         def hidden(out):  # (encoder, hidden) -> [image; text]; a block that drops the text keeps it as it came
-            enc, hid = out
+            hid, enc = out if image_first else out[::-1]
             enc = e if enc is None else enc
             return hid if enc is None else torch.cat([hid, enc], dim=1)
 
         def passthrough(stream):
-            return (stream[:, T:] if stream.shape[1] > T else None), stream[:, :T]
+            out = (stream[:, T:] if stream.shape[1] > T else None), stream[:, :T]
+            return out[::-1] if image_first else out
 
         return handle.block(layer, x, run, sites=sites, hidden=hidden, passthrough=passthrough, probes=probes)
 

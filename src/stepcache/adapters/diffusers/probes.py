@@ -36,6 +36,15 @@ def _basic(block, call: inspect.BoundArguments):
 
 
 _BY_CLASS = {"FluxTransformerBlock": _ada_zero, "JointTransformerBlock": _ada_zero, "BasicTransformerBlock": _basic}
+_MACS: dict = {}  # block class -> (block, call) -> MACs of one probe, where not the default adaLN projection
+
+
+def register_modulated_input(block_class: str, probe, macs=None) -> None:
+    """Declare the modulated-input probe of another block class (a family module's own adaLN arithmetic);
+    ``macs(block, call)`` when recomputing it costs other than one 6 D x D projection per row."""
+    _BY_CLASS[block_class] = probe
+    if macs is not None:
+        _MACS[block_class] = macs
 
 
 def supports_modulated_input(block) -> bool:
@@ -47,7 +56,10 @@ def supports_modulated_input(block) -> bool:
 
 def modulated_input(block, call: inspect.BoundArguments) -> tuple[torch.Tensor, int]:
     """(the block's modulated attention input (B, T, D), MACs per call of recomputing it)."""
-    m = _BY_CLASS[type(block).__name__](block, call)
+    name = type(block).__name__
+    m = _BY_CLASS[name](block, call)
+    if name in _MACS:
+        return m, _MACS[name](block, call)
     h = call.arguments["hidden_states"]
     D = h.shape[-1]
     macs = h.shape[0] * 6 * D * D  # the adaLN projection of the conditioning, per row
