@@ -24,9 +24,37 @@ class AttrPatch:
             setattr(self.obj, self.name, self.previous)
 
 
-class ForwardPatch(AttrPatch):
-    """Replace ``module.forward`` on this instance with ``make_forward(current forward)``."""
+class ForwardPatch:
+    """Replace ``module.forward`` on this instance with ``make_forward(current forward)``.
+
+    accelerate's hooks (``enable_model_cpu_offload``, ``cpu_offload``) keep the wrapped forward in
+    ``module._old_forward`` and move it back to ``module.forward`` whenever they are removed, which
+    diffusers does after every pipeline call (``maybe_free_model_hooks``) before it adds them again. A
+    patch of ``forward`` made after those hooks would be dropped by the first such cycle, so on a module
+    with accelerate's hook the wrapper goes into ``_old_forward``, where the cycle carries it along.
+    ``restore()`` puts the original back wherever the wrapper is found then.
+    """
 
     def __init__(self, module: nn.Module, make_forward: Callable[[Callable], Callable]):
-        original = module.forward  # bound method (or a previous instance patch)
-        super().__init__(module, "forward", make_forward(original))
+        self.obj = module
+        hooked = "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
+        self.name = "_old_forward" if hooked else "forward"
+        self.previous = module.__dict__.get(self.name, _MISSING)
+        self.original = getattr(module, self.name)  # bound method (or a previous instance patch)
+        self.wrapper = make_forward(self.original)
+        setattr(module, self.name, self.wrapper)
+
+    def restore(self) -> None:
+        held = self.obj.__dict__
+        for name in ("forward", "_old_forward"):
+            if held.get(name) is not self.wrapper:
+                continue
+            if name == "forward" and _is_class_forward(self.obj, self.original):
+                held.pop("forward")
+            else:
+                setattr(self.obj, name, self.original)
+
+
+def _is_class_forward(module: nn.Module, fn) -> bool:
+    """Whether ``fn`` is just the class's own ``forward`` bound to ``module`` (no instance attribute needed)."""
+    return getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward
