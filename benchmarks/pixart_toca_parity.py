@@ -6,7 +6,7 @@ GPU-only and missing imports get in-memory stand-ins, see ``benchmarks/pixart_re
 PixArt-alpha is built in the reference's own ``PixArt`` class (the real blocks: self-attention, un-gated
 cross-attention, MLP, adaLN-single; every zero-initialised layer re-randomised so that caching changes the
 output), its state dict converted into a diffusers ``PixArtTransformer2DModel`` (diffusers'
-``convert_pixart_alpha_to_diffusers`` key mapping, written here as :func:`to_diffusers`), and compared:
+``convert_pixart_alpha_to_diffusers`` key mapping, written fresh as ``pixart_ref.to_diffusers``), and compared:
 
 (a) one uncached forward of each on the same inputs;
 (b) whole DPM-Solver++ runs (20 steps, order 2, cfg 4.5) of the reference's own sampler ``DPMS``: the reference
@@ -17,9 +17,15 @@ output), its state dict converted into a diffusers ``PixArtTransformer2DModel`` 
 
 Both sides record every block's full/partial decision and every top-k selection (step, layer, module, tokens,
 and the score gap at the cut, to detect near-ties); the table lists the final-latent differences, the full
-steps, the per-step token counts and the selections that differ.
+steps, the per-step token counts and the selections that differ. When selections differ, stepcache runs once
+more taking the reference's tokens wherever the gap at the cut is below ``NEAR_TIE`` on either side: what
+remains is not tie-breaking. Cases (``CASES``): depth 28 (one and two prompts), depth 4 (the reference's
+layer normaliser 27 as is, then emulated), a model whose late latents saturate the cross-attention (exact
+ties) and the entropy of the CFG mixture that stepcache used before this comparison. The last case is the
+tiny model of tests/pixart_helpers.py; ``--dump-fixture`` saves the reference's numbers for the test.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/pixart_toca_parity.py /tmp/ref-pixart/PixArt-alpha-ToCa
+    PYTHONPATH=src .venv/bin/python benchmarks/pixart_toca_parity.py /tmp/ref-pixart/PixArt-alpha-ToCa \
+        [--dump-fixture tests/fixtures/pixart_toca_reference_tiny.pt]
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from pixart_ref import cut_gap, record_reference, to_diffusers, to_reference  # 
 import stepcache  # noqa: E402
 from stepcache.core.context import StepContext  # noqa: E402
 from stepcache.policies import toca as toca_policy  # noqa: E402
+from stepcache.policies import toca_scores  # noqa: E402
 
 SMALL = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=32, num_heads=2, caption_channels=32,
              model_max_length=12)  # 16 x 16 = 256 tokens per row, 12 text tokens
@@ -50,11 +57,11 @@ STEPS, CFG = 20, 4.5
 TOCA_ARGS = dict(cache_type="attention", ratio_scheduler="ToCa", fresh_ratio=0.30, fresh_threshold=3,
                  force_fresh="global", soft_fresh_weight=0.25)  # scripts/inference.py defaults
 NEAR_TIE = 1e-6  # a score gap at the top-k cut below this is a near-tie (scores ~0.1, float32 ulp ~1e-8)
-# (name, depth, text lengths of the prompts, stepcache emulating the reference's layer normaliser 27, scale of
-# the patch embedding: 1 lets the late, large latents saturate the cross-attention into exact ties)
-CASES = [("depth28-b1", 28, (9,), False, 0.1), ("depth28-b2", 28, (9, 12), False, 0.1),
-         ("depth4-b1", 4, (9,), False, 0.1), ("depth4-b1-norm27", 4, (9,), True, 0.1),
-         ("depth28-b1-saturating", 28, (9,), False, 1.0)]
+# (name, depth, text lengths of the prompts, what stepcache's side emulates (see ``emulation``), scale of the
+# patch embedding: 1 lets the late, large latents saturate the cross-attention into exact ties)
+CASES = [("depth28-b1", 28, (9,), None, 0.1), ("depth28-b2", 28, (9, 12), None, 0.1),
+         ("depth4-b1", 4, (9,), None, 0.1), ("depth4-b1-norm27", 4, (9,), "norm27", 0.1),
+         ("depth28-b1-saturating", 28, (9,), None, 1.0), ("depth28-b1-mixture-entropy", 28, (9,), "mixture", 0.1)]
 
 
 # ---------------------------------------------------------------------------------- models
@@ -162,14 +169,19 @@ def record_stepcache(handle, log: dict, follow: dict | None = None) -> None:
 
 
 @contextlib.contextmanager
-def layer_norm_27():
-    """Emulate the reference's hard-coded layer normaliser 27 (28-layer PixArt-XL) in stepcache's ratio."""
-    original = toca_policy.pixart_ratio
-    toca_policy.pixart_ratio = lambda cfg, p, S, layer, depth, branch: original(cfg, p, S, layer, 28, branch)
+def emulation(name: str | None):
+    """``"norm27"``: the reference's hard-coded layer normaliser 27 (28-layer PixArt-XL) in stepcache's ratio
+    (stepcache uses depth - 1). ``"mixture"``: stepcache before this comparison, which took the entropy of
+    the mixture of the CFG halves' maps instead of the reference's average over the packed captions."""
+    ratio, entropy = toca_policy.pixart_ratio, toca_scores.cross_entropy
+    if name == "norm27":
+        toca_policy.pixart_ratio = lambda cfg, p, S, layer, depth, branch: ratio(cfg, p, S, layer, 28, branch)
+    elif name == "mixture":
+        toca_scores.cross_entropy = lambda cross_map, cfg, own_text=False: entropy(cross_map, cfg)
     try:
         yield
     finally:
-        toca_policy.pixart_ratio = original
+        toca_policy.pixart_ratio, toca_scores.cross_entropy = ratio, entropy
 
 
 # ---------------------------------------------------------------------------------- the reference side
@@ -231,18 +243,18 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"max_abs": d, "rel": d / b.abs().max().item()}
 
 
-def run_case(ref, name: str, depth: int, lengths: tuple, norm27: bool, embed_scale: float) -> dict:
+def run_case(ref, name: str, depth: int, lengths: tuple, emulate: str | None, embed_scale: float) -> dict:
     model = reference_model(ref, depth, embed_scale)
     tr = diffusers_twin(model, depth)
     noise, text, mask = inputs(lengths)
     null = model.y_embedder.y_embedding
-    out = {"case": name, "depth": depth, "text_lengths": list(lengths), "layer_normaliser_27_emulated": norm27,
+    out = {"case": name, "depth": depth, "text_lengths": list(lengths), "stepcache_emulates": emulate,
            "patch_embedding_scale": embed_scale}
-    out.update(compare(ref, model, tr, noise, text, mask, null, norm27)[0])
+    out.update(compare(ref, model, tr, noise, text, mask, null, emulate)[0])
     return out
 
 
-def compare(ref, model, tr, noise, text, mask, null, norm27: bool = False) -> tuple[dict, dict]:
+def compare(ref, model, tr, noise, text, mask, null, emulate: str | None = None) -> tuple[dict, dict]:
     """(a) and (b) on one pair of twins; returns the report and the four final latents."""
     depth, tokens = len(model.blocks), model.x_embedder.num_patches
     null_y = null[None].repeat(noise.shape[0], 1, 1)[:, None]  # (B, 1, L, C)
@@ -264,14 +276,13 @@ def compare(ref, model, tr, noise, text, mask, null, norm27: bool = False) -> tu
         with record_reference(ref, logs["ref_toca"]):
             ref_toca = sample(ref, model.forward_with_dpmsolver, null_y, noise, text, mask, TOCA_ARGS)
         ours_plain = sample(ref, Shim(tr).forward_with_dpmsolver, null_y, noise, text, mask, TOCA_ARGS)
-        with stepcache.apply(tr, stepcache.ToCa()) as handle, (layer_norm_27() if norm27 else contextlib.nullcontext()):
+        with stepcache.apply(tr, stepcache.ToCa()) as handle, emulation(emulate):
             record_stepcache(handle, logs["ours_toca"])
             ours_toca = sample(ref, Shim(tr, handle).forward_with_dpmsolver, null_y, noise, text, mask, TOCA_ARGS)
             out["stepcache_policy"] = repr(handle.handler.config)
         if compare_selections(logs["ours_toca"], logs["ref_toca"])["differing"]:
             followed = new_log()
-            with stepcache.apply(tr, stepcache.ToCa()) as handle, \
-                    (layer_norm_27() if norm27 else contextlib.nullcontext()):
+            with stepcache.apply(tr, stepcache.ToCa()) as handle, emulation(emulate):
                 record_stepcache(handle, followed, follow=logs["ref_toca"])
                 ours_followed = sample(ref, Shim(tr, handle).forward_with_dpmsolver, null_y, noise, text, mask,
                                        TOCA_ARGS)
@@ -361,8 +372,8 @@ def main(argv=None) -> None:
     fixture = results[-1]
     print(f"fixture-tiny, tests/pixart_helpers.dpm_solver_2m vs the reference's DPMS: uncached "
           f"{fixture['helper_loop_uncached']['rel']:.1e}, ToCa {fixture['helper_loop_toca']['rel']:.1e} relative")
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": "CPU (torch "
-            f"{torch.__version__}, 1 thread)", "command": "PYTHONPATH=src python benchmarks/pixart_toca_parity.py "
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": "CPU, 2 shared cores, "
+            f"loaded (parity only, no timing); torch {torch.__version__}, 1 thread", "command": "PYTHONPATH=src python benchmarks/pixart_toca_parity.py "
             "<PixArt-alpha-ToCa>", "reference": "Shenyi-Z/ToCa PixArt-alpha-ToCa, xformers/timm/mmcv stand-ins",
             "model": SMALL, "steps": STEPS, "cfg": CFG, "reference_cache_args": TOCA_ARGS,
             "wall_s": round(time.perf_counter() - started, 1)}
