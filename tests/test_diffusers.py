@@ -456,7 +456,7 @@ def _bonus_4x4(score, side, ratio=0.4):
 def test_toca_pixart_variant_follows_the_reference_rules(rows, S, N, full_p):
     """Replays a run against an independent transcription of the reference's PixArt cache logic:
     full/partial blocks (steps counting up, interval round(N / (0.8 + 0.4 p/S))), per-module k,
-    the cross-attention-entropy score of the averaged CFG halves with staleness and the 4x4 bonus,
+    the cross-attention-entropy score of the averaged CFG halves (packed captions) with staleness and the 4x4 bonus,
     the same tokens for both halves, and the cross map refreshed row by row on partial steps."""
     from stepcache import ToCa
 
@@ -514,7 +514,9 @@ def test_toca_pixart_variant_follows_the_reference_rules(rows, S, N, full_p):
             continue
         assert action.kind == "partial" and action.need_map is (branch == "cross")
         k = int(torch.clamp(torch.tensor(_pixart_ratio(R, p, S, layer, depth, branch)), 0, 1) * T)
-        half_map = 0.5 * maps[layer][:len(rows)] + 0.5 * maps[layer][len(rows):]
+        # the reference averages maps over the packed captions of the batch, zero outside a row's own caption:
+        # the two halves' maps end up side by side, each weighted 0.5
+        half_map = torch.cat([0.5 * maps[layer][:len(rows)], 0.5 * maps[layer][len(rows):]], dim=-1)
         entropy = -torch.sum(half_map * torch.log(half_map + 1e-7), dim=-1)
         score = torch.nn.functional.normalize(1 + entropy, dim=1).repeat(2, 1)
         score = score + 0.25 * (counters[(layer, branch)].float() / N)

@@ -24,8 +24,10 @@ their own top-k tokens. Steps count UP (``p = S - 1 - i``): a block is full iff 
 ``p % interval == 0``, the interval re-set at layer 0's full computation to
 ``round(float32(N) / float32(0.8 + 0.4 p / S))`` (no sensitive band). The ``ToCa-pixart`` ratio is
 ``fresh_ratio * (1.6 - 1.2 l / (depth-1)) * (1.9 - 1.8 p / S) * m``, m = 0.6 (cross) or 1.6 (MLP).
-The ``attention`` score is s2: the cross-attention maps of the two CFG halves are averaged, the
-entropy over the text tokens ``-sum p log(p + 1e-7)`` is L2-normalised as ``1 + H``, and the SAME
+The ``attention`` score is s2: the cross-attention maps of the two CFG halves are averaged (the
+reference packs the batch's captions into one sequence, so the halves' maps sit side by side, each
+weighted 0.5: ``H = H(p_uncond / 2) + H(p_cond / 2)``), the entropy over the text tokens
+``-sum p log(p + 1e-7)`` is L2-normalised as ``1 + H``, and the SAME
 tokens are chosen for both halves; then staleness (a counter per module) and a 4x4-cell bonus of
 0.4. The entropy is taken at full steps and refreshed, token by token, for the tokens a partial
 cross-attention recomputes (so the MLP right after scores with the updated rows; per-token entropy
@@ -399,7 +401,7 @@ class ToCaPolicy(Policy):
             self._remember(ctx, site, result)
         if self.pixart and branch == "cross" and attn_map is not None:
             shared = self._shared_rows(attn_map.shape[0])
-            fresh = S.cross_entropy(attn_map, shared)  # (rows or pairs, T or k)
+            fresh = S.cross_entropy(attn_map, shared, own_text=True)  # (rows or pairs, T or k)
             if index is None:  # a full step: the whole map (B, T, L)
                 self.state.entropy[layer] = fresh
             else:  # the rows of the recomputed queries (the same tokens in both CFG halves)

@@ -17,7 +17,7 @@ it selects are the same bit for bit:
 - ``straight``: all ones (ties everywhere; argsort decides).
 - ``entropy_score`` (s2, PixArt variant's ``attention``): L2-normalised ``1 + entropy`` of each
   image token's cross-attention over the text tokens (:func:`cross_entropy`), the CFG halves'
-  maps averaged first.
+  maps averaged first (over the packed text of the batch, as the references do).
 
 Then s3 (staleness) and s4 (the spatial-uniformity bonus) are added: :func:`with_staleness`,
 :func:`spatial_bonus`.
@@ -44,14 +44,20 @@ def attention_over_max(attn_map: torch.Tensor) -> torch.Tensor:
     return received / received.max(dim=1, keepdim=True)[0]
 
 
-def cross_entropy(cross_map: torch.Tensor, cfg: bool) -> torch.Tensor:
+def cross_entropy(cross_map: torch.Tensor, cfg: bool, own_text: bool = False) -> torch.Tensor:
     """Entropy over the text tokens of head-mean cross-attention maps (B, T, L) -> (B, T), or under
     CFG of the two halves' average (0.5 each) -> (B/2, T): ``-sum p log(p + 1e-7)``. Rows are
-    independent, so the entropy of some tokens' rows can be refreshed alone (partial steps)."""
+    independent, so the entropy of some tokens' rows can be refreshed alone (partial steps).
+
+    The references average maps over the PACKED text of the whole batch (B, T, Ltot): each row is zero
+    outside its own caption's columns, so the "average" of the two halves holds both halves' maps side
+    by side, each weighted 0.5, and its entropy is ``H(p_u / 2) + H(p_c / 2)``, not the entropy of the
+    mixture. ``own_text``: the maps are over each row's own L text tokens (diffusers); the halves are then
+    laid side by side (B/2, T, 2 L) to compute the same number."""
     m = cross_map
     if cfg:
         first, second = torch.split(m, m.shape[0] // 2, dim=0)
-        m = 0.5 * first + (1 - 0.5) * second
+        m = torch.cat([0.5 * first, 0.5 * second], dim=-1) if own_text else 0.5 * first + (1 - 0.5) * second
     return -torch.sum(m * torch.log(m + 1e-7), dim=-1)
 
 
