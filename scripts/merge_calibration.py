@@ -14,7 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-from stepcache.io import write_json
 from stepcache.policies.calibration_data import ASSETS
 
 MAGCACHE_FILE, TEACACHE_FILE = ASSETS / "magcache_ratios.json", ASSETS / "teacache_coefficients.json"
@@ -32,12 +31,12 @@ def main(argv=None) -> None:
             continue
         table = json.loads(path.read_text())
         old = table["models"].get(args.name, {})
-        entry = {"families": old.get("families", []),
+        entry = {"families": old.get("families", []), "names": old.get("names", []),
                  "source": args.source or old.get("source", f"stepcache calibrate ({args.record.name})"),
                  "num_steps": record["num_steps"]}
         entry["mag_ratios" if key == "mag_ratios" else "coefficients"] = record[key]
         table["models"][args.name] = entry
-        write_json(path, table)
+        path.write_text(json.dumps(table, indent=1) + "\n")
         print(f"{path.name}: replaced {args.name!r}")
 
 

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+import stepcache
+
 from stepcache.errors import ConfigError
 from stepcache.policies.calibration_data import published, published_by_name
 from stepcache.policies.dbcache import DBCache, DualBlockState
@@ -259,3 +261,20 @@ def test_every_new_config_round_trips_through_the_registry():
     for cfg in configs:
         again = PolicyConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
         assert again == cfg and type(again) is type(cfg)
+
+
+def test_the_shipped_embedded_model_finds_its_published_magcache_and_teacache_tables():
+    """The embedded model's own tables are found by its name (not by the DiT family, which other weights share)."""
+    from stepcache.models.embedded import load_embedded
+    from stepcache.policies.calibration_data import published
+
+    model = load_embedded()
+    with stepcache.apply(model, stepcache.MagCache(threshold=0.06)) as handle:
+        assert handle.info.names == ("embedded",)
+        assert handle.handler.ratios == published("magcache_ratios.json", "mag_ratios", "x", ("embedded",))
+    with stepcache.apply(model, stepcache.TeaCache(threshold=0.1)):
+        pass
+    other = stepcache.DiT(input_size=16, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=10, learn_sigma=False)  # the same family, other weights: no table
+    with pytest.raises(ConfigError, match="stepcache calibrate"):
+        stepcache.apply(other, stepcache.MagCache(threshold=0.06))

@@ -36,7 +36,8 @@ class DiTAdapter(Adapter):
     def info(self, model: DiT) -> ModelInfo:
         return ModelInfo(depth=len(model.blocks), num_tokens=model.num_tokens, grid=(model.grid, model.grid),
                          branches=self.branches, family=self.family,
-                         capabilities=frozenset({"attention_map", "value_norms", "modulated_input"}))
+                         capabilities=frozenset({"attention_map", "value_norms", "modulated_input"}),
+                         names=tuple(getattr(model, "stepcache_names", ())))
 
     def install(self, model: DiT, handle, patches: list) -> None:
         macs = dit_macs(model)

@@ -90,3 +90,4 @@ class ModelInfo:
     capabilities: frozenset = frozenset()
     groups: tuple[LayerGroup, ...] = ()
     variant: str | None = None  # a policy variant the model's reference calls for (e.g. ToCa "pixart")
+    names: tuple[str, ...] = ()  # this model's weights by name (e.g. "embedded"), for published per-model data

@@ -127,4 +127,6 @@ def load_embedded(device: str | torch.device = "cpu", path: Path | None = None) 
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not match its config: {str(exc).splitlines()[0]}") from None
+    if path is None:  # the shipped weights: their published MagCache / TeaCache tables apply
+        model.stepcache_names = ("embedded",)
     return model.to(device).eval()

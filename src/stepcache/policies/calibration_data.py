@@ -24,20 +24,27 @@ def _table(name: str) -> dict:
     return json.loads((ASSETS / name).read_text())["models"]
 
 
-def published(table: str, key: str, family: str) -> tuple[float, ...] | None:
-    """The published values of ``key`` for ``family`` in the asset ``table``, or None."""
-    for entry in _table(table).values():
+def published(table: str, key: str, family: str, names: tuple[str, ...] = ()) -> tuple[float, ...] | None:
+    """The published values of ``key`` in the asset ``table`` for these weights (an entry whose ``names``
+    include one of ``names``, e.g. the embedded model's), else for the model ``family``, else None."""
+    entries = list(_table(table).values())
+    for entry in entries:
+        if set(names) & set(entry.get("names", ())):
+            return tuple(float(v) for v in entry[key])
+    for entry in entries:
         if family in entry.get("families", ()):
             return tuple(float(v) for v in entry[key])
     return None
 
 
-def given_or_published(given, table: str, key: str, family: str, what: str, flag: str):
-    """``given`` (a config's values), else the published values of ``key`` for ``family``, else one sentence
-    naming the fix (``what``: e.g. "MagCache has no magnitude ratios"; ``flag``: how to pass a file)."""
+def given_or_published(given, table: str, key: str, family: str, what: str, flag: str,
+                       names: tuple[str, ...] = ()):
+    """``given`` (a config's values), else the published values of ``key`` for these weights (``names``) or
+    ``family``, else one sentence naming the fix (``what``: e.g. "MagCache has no magnitude ratios";
+    ``flag``: how to pass a file)."""
     if given is not None:
         return given
-    values = published(table, key, family)
+    values = published(table, key, family, names)
     if values is None:
         raise ConfigError(f"{what} for {family}; run `stepcache calibrate --model ... --out FILE` and pass {flag}.")
     return values

@@ -72,10 +72,11 @@ class MagCache(PolicyConfig):
         return {"threshold": [0.03, 0.06, 0.12, 0.24], "max_skip_steps": [2, 3, 4], "retention_ratio": [0.1, 0.2]}
 
 
-def resolve_ratios(config: MagCache, family: str) -> tuple[float, ...]:
-    """The config's ratios, else the published ones for this model family, else a one-sentence fix."""
+def resolve_ratios(config: MagCache, family: str, names: tuple[str, ...] = ()) -> tuple[float, ...]:
+    """The config's ratios, else the published ones for these weights or this model family, else a
+    one-sentence fix."""
     return given_or_published(config.mag_ratios, TABLE, "mag_ratios", family, "MagCache has no magnitude ratios",
-                              "MagCache(mag_ratios=FILE) (CLI: --mag-ratios FILE)")
+                              "MagCache(mag_ratios=FILE) (CLI: --mag-ratios FILE)", names)
 
 
 def interpolate_ratios(ratios, num_steps: int) -> torch.Tensor:
@@ -136,7 +137,7 @@ class MagCachePolicy(Policy):
 
     def __init__(self, config: MagCache, info):
         super().__init__(config, info)
-        self.ratios = resolve_ratios(config, info.family)  # fails at apply time, not mid-run
+        self.ratios = resolve_ratios(config, info.family, info.names)  # fails at apply time, not mid-run
         self.table = interpolate_ratios(self.ratios, len(self.ratios))
         self.retain = 0
 

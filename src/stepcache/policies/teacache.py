@@ -64,11 +64,12 @@ class TeaCache(PolicyConfig):
         return {"threshold": [0.1, 0.25, 0.4, 0.6, 0.8]}
 
 
-def resolve_coefficients(config: TeaCache, family: str) -> tuple[float, ...]:
-    """The config's coefficients, else the published ones for this model family, else a one-sentence fix."""
+def resolve_coefficients(config: TeaCache, family: str, names: tuple[str, ...] = ()) -> tuple[float, ...]:
+    """The config's coefficients, else the published ones for these weights or this model family, else a
+    one-sentence fix."""
     return given_or_published(config.coefficients, TABLE, "coefficients", family,
                               "TeaCache has no rescaling coefficients",
-                              "TeaCache(coefficients=FILE) (CLI: --coefficients FILE)")
+                              "TeaCache(coefficients=FILE) (CLI: --coefficients FILE)", names)
 
 
 def poly(coefficients: Sequence[float], x: float) -> float:
@@ -131,7 +132,7 @@ class TeaCachePolicy(Policy):
         if "modulated_input" not in info.capabilities:
             raise ConfigError(f"TeaCache needs the first block's modulated input, which the {info.family} adapter "
                               "does not provide; use FBCache or MagCache on this model.")
-        self.coefficients = resolve_coefficients(config, info.family)  # fails at apply time
+        self.coefficients = resolve_coefficients(config, info.family, info.names)  # fails at apply time
 
     def new_call_state(self):
         return TeaState()
