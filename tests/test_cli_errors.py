@@ -137,6 +137,8 @@ CASES = [
      "unknown DiT argument"),
     ("sample-ckpt-is-dir", lambda b, o: ["sample", "--model", "DiT-S/8", "--ckpt", b["dir"], "--out-dir", o],
      "checkpoint"),
+    ("sample-magcache-no-table", lambda b, o: ["sample", "--model", "DiT-S/8", "--random-weights", "--cache",
+                                              "magcache", "--out-dir", o], "stepcache calibrate"),
     ("sample-random-router", lambda b, o: ["sample", *EMB, "--cache", "l2c", "--router", b["random_router"],
                                            "--out-dir", o], "corrupt or not a router"),
     ("sample-trunc-router", lambda b, o: ["sample", *EMB, "--cache", "l2c", "--router", b["trunc_router"],

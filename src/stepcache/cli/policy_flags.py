@@ -219,6 +219,17 @@ def build_policy(args, model=None):
     return PolicyConfig.from_dict({"method": method, **params})
 
 
+def check_fits(model, policy) -> None:
+    """Install ``policy`` on ``model`` and remove it at once, so that whatever it needs of this model
+    (published calibration data, capabilities, token geometry) is refused now, before an uncached
+    baseline run, not after it."""
+    if policy is None:
+        return
+    import stepcache
+
+    stepcache.apply(model, policy).remove()
+
+
 def _from_file(args, method: str, params: dict, model):
     """``--policy FILE``: checked against the sampler and step count, and against the model once loaded."""
     from stepcache.policy_file import load_policy

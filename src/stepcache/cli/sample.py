@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from stepcache.cli.policy_flags import check_fits
 from stepcache.cli.common import (add_cache_options, add_device_options, build_policy, check_guidance_and_interval,
                                   check_output_dir, decode_latents, environment, finite_float, load_model, place,
                                   placement, positive_int, save_grid, seed_int, synchronize, to_uint8, write_json)
@@ -85,6 +86,7 @@ def run(args) -> int:
     model, is_latent = load_model(args)
     _validate(args, model)
     policy = build_policy(args, model=model)
+    check_fits(model, policy)
     model = place(model, args)
     torch.manual_seed(args.seed)
     labels = torch.tensor(args.class_labels)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from stepcache.cli.policy_flags import check_fits
 from stepcache.cli.common import (add_cache_options, add_device_options, build_policy, check_guidance_and_interval,
                                   check_output_dir, environment, finite_float, placement, positive_int)
 from stepcache.errors import CheckpointError, ConfigError
@@ -150,6 +151,7 @@ def run(args) -> int:
     build_policy(args)  # bad caching options fail before the model is loaded
     model, is_latent = _load(args)
     policy = build_policy(args, model=model)  # a router for another model / sampler / step count fails now
+    check_fits(model, policy)
     model = model.to(dtype)
     rank, world, device = init_distributed(wanted)
     decode = LatentDecoder(args.vae, device) if is_latent else to_uint8
