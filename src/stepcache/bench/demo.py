@@ -22,7 +22,7 @@ from stepcache.bench.sweep import load_model, runnable_specs
 
 # One representative setting per method (about 2-3x fewer MACs on the embedded model).
 DEMO_SPECS = ("fora:interval=3", "toca:interval=3,fresh_ratio=0.1", "l2c", "taylorseer:interval=3,order=1",
-              "forecast:num_full=15")
+              "forecast:num_full=15,scope=stack")  # the setting `stepcache tune` picks at 3x measured
 
 
 def run_demo(out_dir: Path, settings: RunSettings, specs=DEMO_SPECS, log=print, progress: bool = True,
