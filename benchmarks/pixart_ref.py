@@ -118,7 +118,8 @@ def _key_pairs(depth: int) -> tuple[dict, dict]:
     same = {"pos_embed.proj": "x_embedder.proj", "proj_out": "final_layer.linear",
             "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
             "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2", "adaln_single.linear": "t_block.1",
-            "caption_projection.linear_1": "y_embedder.y_proj.fc1", "caption_projection.linear_2": "y_embedder.y_proj.fc2"}
+            "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+            "caption_projection.linear_2": "y_embedder.y_proj.fc2"}
     fused = {}
     for b in range(depth):
         src, dst = f"blocks.{b}.", f"transformer_blocks.{b}."

@@ -352,7 +352,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pixart_toca_parity.json")
     parser.add_argument("--cases", nargs="*", default=[c[0] for c in CASES], choices=[c[0] for c in CASES])
     parser.add_argument("--dump-fixture", type=Path, default=None,
-                        help="also write the tiny case's reference latents (tests/fixtures/pixart_toca_reference_tiny.pt)")
+                        help="also write the tiny case's reference latents "
+                             "(tests/fixtures/pixart_toca_reference_tiny.pt)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ref = pixart_ref.load(args.ref_dir)
@@ -367,13 +368,15 @@ def main(argv=None) -> None:
     for r in results:
         print(f"{r['case']}: reference full steps {r['reference']['full_steps']} mixed {r['reference']['mixed_steps']};"
               f" near-ties (gap < {NEAR_TIE}) ref {r['selections']['near_ties_reference']}"
-              f" ours {r['selections']['near_ties_stepcache']}, exact ties ref {r['selections']['exact_ties_reference']}"
+              f" ours {r['selections']['near_ties_stepcache']},"
+              f" exact ties ref {r['selections']['exact_ties_reference']}"
               f" ours {r['selections']['exact_ties_stepcache']}; differing {r['selections']['first_differing']}")
     fixture = results[-1]
     print(f"fixture-tiny, tests/pixart_helpers.dpm_solver_2m vs the reference's DPMS: uncached "
           f"{fixture['helper_loop_uncached']['rel']:.1e}, ToCa {fixture['helper_loop_toca']['rel']:.1e} relative")
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": "CPU, 2 shared cores, "
-            f"loaded (parity only, no timing); torch {torch.__version__}, 1 thread", "command": "PYTHONPATH=src python benchmarks/pixart_toca_parity.py "
+            f"loaded (parity only, no timing); torch {torch.__version__}, 1 thread",
+            "command": "PYTHONPATH=src python benchmarks/pixart_toca_parity.py "
             "<PixArt-alpha-ToCa>", "reference": "Shenyi-Z/ToCa PixArt-alpha-ToCa, xformers/timm/mmcv stand-ins",
             "model": SMALL, "steps": STEPS, "cfg": CFG, "reference_cache_args": TOCA_ARGS,
             "wall_s": round(time.perf_counter() - started, 1)}

@@ -3,7 +3,8 @@
 Recipe (DiT, Peebles & Xie, arXiv 2212.09748, shrunk): linear betas over T=1000, uniform t,
 epsilon-prediction MSE (Ho et al., arXiv 2006.11239, "L_simple"), fixed variance (learn_sigma=False),
 label dropout 0.1 for classifier-free guidance, AdamW with linear warm-up, a constant rate and an
-optional linear cool-down at the end, EMA weights (shipped). Light augmentation: random shifts of up to ``--shift`` pixels (no flips: digits).
+optional linear cool-down at the end, EMA weights (shipped). Light augmentation: random shifts of up to
+``--shift`` pixels (no flips: digits).
 
 Seeded and reproducible: every random draw comes from one generator (and the global RNG, used by
 DiT's label dropout); both states are saved in the periodic checkpoints, so ``--resume`` continues the

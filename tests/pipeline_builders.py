@@ -51,7 +51,8 @@ def vae(latent_channels: int):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(3)
-    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,),
+                         down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",), latent_channels=latent_channels, norm_num_groups=4,
                          layers_per_block=1, shift_factor=0.0).eval()
 

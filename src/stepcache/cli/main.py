@@ -13,7 +13,8 @@ import sys
 
 from stepcache.errors import StepcacheError
 
-SUBCOMMANDS = ["sample", "demo", "bench", "train_router", "router_report", "sample_ddp", "eval", "calibrate", "tune", "generate", "convert"]
+SUBCOMMANDS = ["sample", "demo", "bench", "train_router", "router_report", "sample_ddp", "eval", "calibrate", "tune",
+               "generate", "convert"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -6,7 +6,8 @@
         --num-inference-steps 20 --min-psnr 30 --out policy.json
 
 With --pipeline the calibration set is the --prompt list (held-out: --heldout-prompt, else the last
-third of the prompts); PSNR is measured on the decoded images. The records, the report (finalists on held-out seeds, Pareto front) and the plot go to --out-dir
+third of the prompts); PSNR is measured on the decoded images. The records, the report (finalists on held-out
+seeds, Pareto front) and the plot go to --out-dir
 (default: a folder named after --out, beside it). Re-running the same command resumes from the records.
 """
 

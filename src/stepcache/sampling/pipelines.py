@@ -58,7 +58,8 @@ class Request:
 
 
 def class_ids(pipe, items) -> list[int]:
-    """DiT's class ids from ints (or their digits) or ImageNet names (``pipe.get_label_ids``), checked against the model."""
+    """DiT's class ids from ints (or their digits) or ImageNet names (``pipe.get_label_ids``), checked against
+    the model."""
     n = pipe.transformer.config.num_embeds_ada_norm
     items = [int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in items]  # "207" is a class id
     names = [x for x in items if not isinstance(x, int)]
