@@ -149,6 +149,35 @@ def main() -> None:
               "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(record))
+
+
+def markdown(record: dict) -> str:
+    """The result table of a record, with its conditions."""
+    load = record["load_average_1_5_15"]
+    lines = [f"# Lean reuse steps: before / after ({record['date']})", "",
+             f"`{record['command']}`", "",
+             f"{record['model']}, {record['sampler']}, CFG 1.5, {record['threads']} torch threads, "
+             f"{len(record['results'][0]['after']['measured_over_ideal_rounds'])} interleaved rounds; "
+             f"machine: {record['environment'].get('cpu', '?')}, load average (1 min) from {load[0][0]:.2f} "
+             f"to {max(x[0] for x in load):.2f} during the run. Outputs before and after bit-identical "
+             f"(uncached: {record['uncached_bit_identical']}).", "",
+             "| policy | ideal before | ideal after | measured/ideal before (median) | after (median) | "
+             "after, per round | outputs identical |", "|---|---|---|---|---|---|---|"]
+    for row in record["results"]:
+        b, a = row["before"], row["after"]
+        rounds = ", ".join(f"{r:.3f}" for r in a["measured_over_ideal_rounds"])
+        lines.append(f"| {row['policy']} | {b['ideal_speedup']:.3f}x | {a['ideal_speedup']:.3f}x | "
+                     f"{b['measured_over_ideal_median']:.3f} | {a['measured_over_ideal_median']:.3f} | {rounds} | "
+                     f"{row['bit_identical_outputs']} |")
+    lines += ["", "Bytes moved per run, after (read / written, by step kind):", ""]
+    for row in record["results"]:
+        st = row["after"]["stats"]
+        parts = [f"{k} {st['bytes_read'][k] / 2**20:.1f} / {st['bytes_written'][k] / 2**20:.1f} MiB"
+                 for k in st["bytes_read"] if st["bytes_read"][k] or st["bytes_written"][k]]
+        lines.append(f"- {row['policy']}: " + "; ".join(parts) +
+                     f"; adaLN skipped {st['macs_fixed_skipped'] / 1e9:.2f} GMACs")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

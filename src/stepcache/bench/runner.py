@@ -110,6 +110,8 @@ def make_record(config: dict, policy, times: list[float], stats, base_time: floa
         "key": config_key(config), "label": policy_label(policy), "config": config, "environment": environment(),
         "time": {"median_s": median, "runs_s": times, "speedup": (base_time / median) if base_time else 1.0},
         "work": {"nfe": stats.nfe, "macs_executed": stats.macs_executed, "macs_uncached": stats.macs_uncached,
-                 "ideal_speedup": stats.ideal_speedup, "share_computed": stats.share_computed()},
+                 "ideal_speedup": stats.ideal_speedup, "share_computed": stats.share_computed(),
+                 "macs_fixed_skipped": stats.macs_fixed_skipped,
+                 "bytes_read": stats.bytes_by_kind()["read"], "bytes_written": stats.bytes_by_kind()["written"]},
         "quality": q, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
