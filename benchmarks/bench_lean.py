@@ -157,13 +157,13 @@ def markdown(record: dict) -> str:
     load = record["load_average_1_5_15"]
     lines = [f"# Lean reuse steps: before / after ({record['date']})", "",
              f"`{record['command']}`", "",
-             f"{record['model']}, {record['sampler']}, CFG 1.5, {record['threads']} torch threads, "
-             f"{len(record['results'][0]['after']['measured_over_ideal_rounds'])} interleaved rounds; "
-             f"machine: {record['environment'].get('cpu', '?')}, load average (1 min) from {load[0][0]:.2f} "
-             f"to {max(x[0] for x in load):.2f} during the run. Outputs before and after bit-identical "
-             f"(uncached: {record['uncached_bit_identical']}).", "",
-             "| policy | ideal before | ideal after | measured/ideal before (median) | after (median) | "
-             "after, per round | outputs identical |", "|---|---|---|---|---|---|---|"]
+             (f"{record['model']}, {record['sampler']}, CFG 1.5, {record['threads']} torch threads, "
+              f"{len(record['results'][0]['after']['measured_over_ideal_rounds'])} interleaved rounds; "
+              f"machine: {record['environment'].get('cpu', '?')}, load average (1 min) from {load[0][0]:.2f} "
+              f"to {max(x[0] for x in load):.2f} during the run. Outputs before and after bit-identical "
+              f"(uncached: {record['uncached_bit_identical']})."), "",
+             ("| policy | ideal before | ideal after | measured/ideal before (median) | after (median) | "
+              "after, per round | outputs identical |"), "|---|---|---|---|---|---|---|"]
     for row in record["results"]:
         b, a = row["before"], row["after"]
         rounds = ", ".join(f"{r:.3f}" for r in a["measured_over_ideal_rounds"])

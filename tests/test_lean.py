@@ -8,18 +8,17 @@ from typing import ClassVar
 
 import pytest
 import torch
+from helpers import tiny_dit
 
 import stepcache
 from stepcache import FORA, L2C, ToCa, sample
-from stepcache.core.actions import COMPUTE, REUSE
 from stepcache.core import policy as policy_module
+from stepcache.core.actions import COMPUTE, REUSE
 from stepcache.core.policy import Policy, PolicyConfig, register_policy
 from stepcache.policies.dbcache import DBCache
 from stepcache.policies.fbcache import FBCache
 from stepcache.policies.forecast import Forecast, newton_eval, newton_update
 from stepcache.policies.taylorseer import TaylorSeer, forecast, update_factors
-
-from helpers import tiny_dit
 
 STEPS = 8
 POLICIES = {
@@ -79,7 +78,7 @@ def test_adaln_work_skipped_is_counted_exactly(name):
     _, plain, _ = _run(model, POLICIES[name](), lean=False)
     _, lean, _ = _run(model, POLICIES[name](), lean=True)
     expected = 0
-    for i, kinds in lean.kinds.items():
+    for kinds in lean.kinds.values():
         for layer in range(3):
             attn, mlp = kinds[f"{layer}.attn"], kinds[f"{layer}.mlp"]
             if attn in ("reuse", "forecast"):
@@ -148,7 +147,7 @@ class HoldPolicy(Policy):
     and checks at every decision that none of them has changed since."""
 
     needs_input = ("mlp",)
-    kept: list = []
+    kept: ClassVar[list] = []
 
     def decide(self, ctx, site, view):
         for held, copy in HoldPolicy.kept:
@@ -271,11 +270,11 @@ def _naive_taylor(factors, x):
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_recycled_taylor_factors_and_forecasts_are_bitwise_the_plain_ones(order):
     plain, lean = [], []
-    for s, f in zip((0, 1, 3, 4, 6, 8), _features(6)):
-        plain = update_factors(plain, f, 1 if s == 0 else s - prev, order, difference=bool(plain), dtype=None)
-        lean = update_factors(lean, f, 1 if s == 0 else s - prev, order, difference=bool(lean), dtype=None,
-                              recycle=True)
-        prev = s
+    steps = (0, 1, 3, 4, 6, 8)
+    for s, last, f in zip(steps, (None, *steps), _features(6)):
+        distance = 0 if last is None else s - last
+        plain = update_factors(plain, f, distance, order, difference=bool(plain), dtype=None)
+        lean = update_factors(lean, f, distance, order, difference=bool(lean), dtype=None, recycle=True)
         assert len(plain) == len(lean) and all(torch.equal(a, b) for a, b in zip(plain, lean))
         for x in (1, 2, 5):
             assert torch.equal(forecast(lean, x, torch.float32), _naive_taylor(plain, x))
