@@ -97,7 +97,11 @@ def main() -> None:
     ap.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p != "none"])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/lean.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--markdown", type=Path, help="only rewrite the markdown table of this JSON record")
     args = ap.parse_args()
+    if args.markdown:
+        record = json.loads(args.markdown.read_text())
+        return args.markdown.with_suffix(".md").write_text(markdown(record))
     if args.worker:
         return worker(args.threads, args.steps, args.sampler)
     if args.before_src is None:
@@ -115,6 +119,7 @@ def main() -> None:
         for name in names:
             for k, w in workers.items():
                 runs[k][name].append(w.run(name, args.steps))
+                print(f"  {k:6s} {name:28s} {runs[k][name][-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
         load.append(load_average())
         print(f"round {r + 1}/{args.rounds} done, load {load[-1][0]:.2f}", flush=True)
     for w in workers.values():
@@ -159,14 +164,16 @@ def markdown(record: dict) -> str:
              f"`{record['command']}`", "",
              (f"{record['model']}, {record['sampler']}, CFG 1.5, {record['threads']} torch threads, "
               f"{len(record['results'][0]['after']['measured_over_ideal_rounds'])} interleaved rounds; "
-              f"machine: {record['environment'].get('cpu', '?')}, load average (1 min) from {load[0][0]:.2f} "
-              f"to {max(x[0] for x in load):.2f} during the run. Outputs before and after bit-identical "
+              f"machine: {record['environment'].get('cpu', '?')} ({record['environment'].get('cpu_count', '?')} "
+              f"cores, shared), load average (1 min) at the start {load[0][0]:.2f}, after each round "
+              f"{', '.join(f'{x[0]:.2f}' for x in load[1:])}. Outputs before and after bit-identical "
               f"(uncached: {record['uncached_bit_identical']})."), "",
              ("| policy | ideal before | ideal after | measured/ideal before (median) | after (median) | "
-              "after, per round | outputs identical |"), "|---|---|---|---|---|---|---|"]
+              "per round, after (before) | outputs identical |"), "|---|---|---|---|---|---|---|"]
     for row in record["results"]:
         b, a = row["before"], row["after"]
         rounds = ", ".join(f"{r:.3f}" for r in a["measured_over_ideal_rounds"])
+        rounds += " (before: " + ", ".join(f"{r:.3f}" for r in b["measured_over_ideal_rounds"]) + ")"
         lines.append(f"| {row['policy']} | {b['ideal_speedup']:.3f}x | {a['ideal_speedup']:.3f}x | "
                      f"{b['measured_over_ideal_median']:.3f} | {a['measured_over_ideal_median']:.3f} | {rounds} | "
                      f"{row['bit_identical_outputs']} |")
