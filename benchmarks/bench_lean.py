@@ -55,12 +55,12 @@ def worker(threads: int, steps: int, sampler: str) -> None:
         name, n = line.split()
         policy = PolicyConfig.from_dict(dict(POLICIES[name]))
         torch.manual_seed(1)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out, stats = stepcache.sample(model, z, y, int(n), sampler, 1.5, policy, return_stats=True)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         d = stats.as_dict()
         d.pop("decisions", None)
-        print(json.dumps({"seconds": seconds, "stats": d,
+        print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "stats": d,
                           "sha256": hashlib.sha256(out.contiguous().numpy().tobytes()).hexdigest()}), flush=True)
 
 
@@ -132,7 +132,10 @@ def main() -> None:
             base, mine = runs[k]["none"], runs[k][name]
             ideal = mine[-1]["stats"]["ideal_speedup"]
             ratios = [b["seconds"] / m["seconds"] / ideal for b, m in zip(base, mine)]
+            cpu = [b["cpu_seconds"] / m["cpu_seconds"] / ideal for b, m in zip(base, mine) if "cpu_seconds" in m]
             row[k] = {"ideal_speedup": ideal, "measured_over_ideal_median": statistics.median(ratios),
+                      "cpu_time_over_ideal_median": statistics.median(cpu) if cpu else None,
+                      "cpu_time_over_ideal_rounds": cpu,
                       "measured_over_ideal_rounds": ratios,
                       "measured_speedup_median": statistics.median(b["seconds"] / m["seconds"]
                                                                    for b, m in zip(base, mine)),
@@ -174,6 +177,9 @@ def markdown(record: dict) -> str:
         b, a = row["before"], row["after"]
         rounds = ", ".join(f"{r:.3f}" for r in a["measured_over_ideal_rounds"])
         rounds += " (before: " + ", ".join(f"{r:.3f}" for r in b["measured_over_ideal_rounds"]) + ")"
+        if a.get("cpu_time_over_ideal_median") is not None:
+            rounds += (f"; in CPU time: after {a['cpu_time_over_ideal_median']:.3f}, "
+                       f"before {b['cpu_time_over_ideal_median']:.3f} (medians)")
         lines.append(f"| {row['policy']} | {b['ideal_speedup']:.3f}x | {a['ideal_speedup']:.3f}x | "
                      f"{b['measured_over_ideal_median']:.3f} | {a['measured_over_ideal_median']:.3f} | {rounds} | "
                      f"{row['bit_identical_outputs']} |")
