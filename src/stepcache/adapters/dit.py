@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stepcache.adapters.base import Adapter, gather_tokens, register_adapter
+from stepcache.adapters.lean import Lane, adaln_chunks, gated_add, hooked, skips
 from stepcache.core.context import ModelInfo
 from stepcache.core.hooks import ForwardPatch
 from stepcache.models.dit import DiT, DiTBlock, modulate
@@ -41,21 +42,29 @@ class DiTAdapter(Adapter):
 
     def install(self, model: DiT, handle, patches: list) -> None:
         macs = dit_macs(model)
-        patches.append(ForwardPatch(model, lambda original: self._model_forward(original, handle, macs["fixed"])))
+        lane = Lane()
+        patches.append(ForwardPatch(model, lambda original: self._model_forward(original, handle, macs["fixed"],
+                                                                                lane)))
         for layer, block in enumerate(model.blocks):
-            patches.append(ForwardPatch(block, lambda _orig, l=layer, b=block: self._block_forward(b, l, handle, macs)))
+            patches.append(ForwardPatch(block, lambda _orig, l=layer, b=block: self._block_forward(b, l, handle, macs,
+                                                                                                  lane)))
 
     @staticmethod
-    def _model_forward(original, handle, fixed_macs):
+    def _model_forward(original, handle, fixed_macs, lane):
         def forward(x, t, y, *args, **kwargs):
             handle.before_call(x.shape[0], x.shape[0] * fixed_macs)
-            return original(x, t, y, *args, **kwargs)
+            lane.reset()
+            try:
+                return original(x, t, y, *args, **kwargs)
+            finally:
+                lane.reset()  # keep no reference to the stream after the call
 
         return forward
 
     @staticmethod
-    def _block_forward(block: DiTBlock, layer: int, handle, macs):
+    def _block_forward(block: DiTBlock, layer: int, handle, macs, lane):
         sites = (("attn", macs["attn"]), ("mlp", macs["mlp"]))
+        D = block.adaLN_modulation[-1].in_features
 
         def modulated_input(x, c):  # block 0's modulated LN input (TeaCache's indicator); its adaLN is work
             shift1, scale1 = block.modulation(c)[:2]
@@ -63,9 +72,16 @@ class DiTAdapter(Adapter):
 
         def forward(x, c):
             probes = {"modulated_input": lambda: modulated_input(x, c)} if layer == 0 else None
-            return handle.block(layer, x, lambda: inner(x, c), sites=sites, fixed=macs["block"], probes=probes)
+            private = lane.owns(x) and not hooked(block)
+            out = handle.block(layer, x, lambda: inner(x, c, private), sites=sites, fixed=macs["block"],
+                               probes=probes)
+            lane.hand_over(out, (out is not x or private) and not hooked(block))
+            return out
 
-        def inner(x, c):
+        def inner(x, c, private):
+            skip_attn = handle.lean and skips(handle.peek(layer, "attn"))
+            if skip_attn:
+                return lean(x, c, private and not handle.holds(x))
             shift1, scale1, gate1, shift2, scale2, gate2 = block.modulation(c)
             a = handle.branch(
                 layer, "attn",
@@ -83,4 +99,30 @@ class DiTAdapter(Adapter):
             )
             return x + gate2.unsqueeze(1) * m
 
+        def lean(x, c, private):
+            """The block with its attention reused or forecast: only the adaLN rows in use (the gates, plus
+            the MLP's shift and scale if the MLP runs), residual adds without temporaries, in place on
+            tensors nobody else holds. Same bits as ``inner``'s plain path."""
+            rows = x.shape[0]
+            skip_mlp = skips(handle.peek(layer, "mlp"))
+            if skip_mlp:
+                gate1, gate2 = adaln_chunks(block.adaLN_modulation[-1], c, (2, 5), 6)
+                shift2 = scale2 = None
+            else:
+                gate1, shift2, scale2, gate2 = adaln_chunks(block.adaLN_modulation[-1], c, (2, 3, 4, 5), 6)
+            handle.skip_fixed(rows, (4 if skip_mlp else 2) * D * D)
+            a = handle.branch(layer, "attn", full=_unused, macs=macs["attn"], x=x)
+            x = gated_add(handle, x, gate1, a, in_place=private)  # x private: nobody saw it; else a new tensor
+            m = handle.branch(
+                layer, "mlp",
+                full=lambda: block.mlp_branch(x, shift2, scale2),
+                tokens=lambda index: block.mlp_branch(gather_tokens(x, index), shift2, scale2),
+                macs=macs["mlp"], x=x,
+            )
+            return gated_add(handle, x, gate2, m, in_place=skip_mlp)  # a computed MLP has shown x to the policy
+
         return forward
+
+
+def _unused():  # pragma: no cover - a branch decided ahead as reused never calls its compute
+    raise AssertionError("a reused branch was computed")

@@ -147,6 +147,8 @@ def make_record(config: dict, policy, times: list[float], stats, base_times, q: 
         "time": {"median_s": statistics.median(times), "runs_s": times, "speedup": ratio, "round_ratios": ratios,
                  "interleaved": True},
         "work": {"nfe": stats.nfe, "macs_executed": stats.macs_executed, "macs_uncached": stats.macs_uncached,
-                 "ideal_speedup": stats.ideal_speedup, "share_computed": stats.share_computed()},
+                 "ideal_speedup": stats.ideal_speedup, "share_computed": stats.share_computed(),
+                 "macs_fixed_skipped": stats.macs_fixed_skipped,
+                 "bytes_read": stats.bytes_by_kind()["read"], "bytes_written": stats.bytes_by_kind()["written"]},
         "quality": q, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -16,7 +16,7 @@ import torch
 
 from stepcache.core.context import RunInfo, SiteKey, StepContext
 from stepcache.core.policy import PolicyConfig, make_handler
-from stepcache.core.state import CallState, RunState, Slots
+from stepcache.core.state import CallState, RunState, Slots, tensor_bytes
 from stepcache.core.stats import CacheStats
 from stepcache.errors import ClockError, ConfigError, StepcacheError
 
@@ -41,6 +41,11 @@ class SiteView:
     @property
     def memory(self) -> Slots:
         return self._call.slots(self.site)
+
+    def scratch(self, like: torch.Tensor, slot: str = "policy") -> torch.Tensor:
+        """A reused work buffer shaped like ``like`` (contents undefined), for a policy's temporaries
+        that die before ``decide`` returns (never return it or keep it: the next call overwrites it)."""
+        return self._handle.scratch(like, slot)
 
     def probe(self, name: str) -> torch.Tensor:
         """An adapter-provided signal of this call (its work is counted as the policy's)."""
@@ -89,6 +94,10 @@ class CacheHandle:
         self._skip_to: int | None = None  # blocks below this index pass through (a reused span)
         self._skip_kind = "reuse"
         self._started: float | None = None
+        self._scratch: dict = {}  # (slot, shape, dtype, device) -> a reused work buffer, freed with the run
+        # Adapters may make reuse steps lean (skip work that only feeds reused branches, apply reused outputs
+        # without temporaries; same bits on CPU). False runs the plain path: for A/B checks and benchmarks.
+        self.lean = True
 
     @property
     def has_spans(self) -> bool:
@@ -121,6 +130,7 @@ class CacheHandle:
         if self.model.__dict__.get(HANDLE_ATTR) is self:
             delattr(self.model, HANDLE_ATTR)
         self.state.clear()
+        self._scratch.clear()
         self._removed = True
 
     def __enter__(self) -> "CacheHandle":
@@ -143,6 +153,7 @@ class CacheHandle:
         """Start a sampling run: drop all state of the previous run."""
         self.run = RunInfo(num_steps=num_steps, batch=batch, cfg=cfg, uncond_first=uncond_first, stages=stages)
         self.state.clear()
+        self._scratch.clear()
         self.ctx = None
         self._stats = CacheStats(num_tokens=self.info.num_tokens)
         self._started = time.perf_counter()
@@ -165,6 +176,7 @@ class CacheHandle:
             self._stats.wall_s = time.perf_counter() - self._started  # host time (asynchronous GPU work aside)
             self._started = None
         self.state.clear()
+        self._scratch.clear()
         self._call = self.state.call(0)
         self.ctx = None
 
@@ -201,6 +213,26 @@ class CacheHandle:
         if site not in self._ahead:
             self._ahead[site] = self.handler.decide(self.ctx, site, SiteView(self, site, None))
         return self._ahead[site]
+
+    def holds(self, x: torch.Tensor) -> bool:
+        """Whether the runtime keeps ``x`` for later in this call (the input of an open span, whose residual
+        is taken against it): an adapter must not update such a tensor in place."""
+        return self._open is not None and self._open[1] is x
+
+    def scratch(self, like: torch.Tensor, slot: str = "adapter") -> torch.Tensor:
+        """A work buffer shaped like ``like``, reused from call to call (contents undefined) so that hot
+        elementwise temporaries allocate nothing: on CPU a fresh multi-MiB tensor costs page faults that
+        can outweigh the arithmetic. Freed at the end of the run."""
+        key = (slot, like.shape, like.dtype, like.device)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
+
+    def skip_fixed(self, rows: int, macs: int) -> None:
+        """Per-row fixed work counted for this block (``block(fixed=...)``) that the adapter did not do
+        after all (the adaLN rows that only feed reused branches)."""
+        self._stats.add_unspent(rows * macs)
 
     @contextlib.contextmanager
     def uncached(self, fixed_macs: int):
@@ -247,6 +279,7 @@ class CacheHandle:
                 residual = self._cached(site) if action.kind == "reuse" else action.tensor
                 if action.kind == "emit":
                     self._stats.add_policy(action.macs)
+                self._moved(site, action.kind, residual)
                 kind = "reuse" if action.kind == "reuse" else "forecast"
                 self._skipped(layer, rows, sites, fixed, kind)
                 self._skip_to, self._skip_kind = end, kind
@@ -262,10 +295,10 @@ class CacheHandle:
             site, x_in = self._open
             self._open = None
             residual = hidden(out) - x_in  # (B, N, D)
+            self._stats.add_bytes(self.ctx.i, 2 * residual.nbytes, residual.nbytes)  # the residual itself
             if self.handler.caches:
                 self._call.store[site] = residual
-            self.handler.observe(self.ctx, site, SiteResult(output=residual, input=x_in,
-                                                            memory=self._call.slots(site)))
+            self._observe(site, SiteResult(output=residual, input=x_in, memory=self._call.slots(site)))
         return out
 
     def _skipped(self, layer: int, rows: int, sites: tuple, fixed: int, kind: str = "reuse") -> None:
@@ -314,12 +347,15 @@ class CacheHandle:
                 result = SiteResult(out, x)
             if self.handler.caches:
                 self._call.store[site] = out
+                self._moved(site, "store", out)
             k, label = T, "full"
         elif kind == "reuse":
             out, k, label = self._cached(site), 0, "reuse"
+            self._moved(site, "reuse", out)
         elif kind == "emit":
             out, k, label = action.tensor, 0, "forecast"
             self._stats.add_policy(action.macs)
+            self._moved(site, "emit", out)
         elif kind == "partial":
             if tokens is None:
                 raise StepcacheError(f"branch {name!r} does not support token-wise recomputation.")
@@ -336,19 +372,42 @@ class CacheHandle:
                 else:
                     fresh = tokens(index)  # (B, k, D)
                 out.scatter_(1, index.unsqueeze(-1).expand(-1, -1, out.shape[-1]), fresh)
+                self._stats.add_bytes(ctx.i, fresh.nbytes + index.nbytes, fresh.nbytes)  # the scatter
+            self._moved(site, "reuse" if action.base is None else "emit", out)
             result = SiteResult(out, x, attn_map=attn_map, index=index)
         elif kind == "blend":
             fresh = full()
             out = action.weight * fresh + (1 - action.weight) * self._cached(site)
+            self._moved(site, "reuse", out)
             k, label = T, "full"
         else:  # pragma: no cover - a policy bug
             raise StepcacheError(f"unknown action {action!r}")
         if result is not None:
             result.memory = self._call.slots(site)
-            self.handler.observe(ctx, site, result)
+            self._observe(site, result)
         rows = out.shape[0]
         self._stats.record(ctx.i, f"{layer}.{name}", k, rows * macs(k), rows * macs(T), label)
         return out
+
+    def _observe(self, site: SiteKey, result: SiteResult) -> None:
+        """``observe``, counting the bytes of a history update: when the policy's slots changed, every tensor
+        they held before is read and every tensor new or updated in place (but the output) is written."""
+        before = _fingerprint(result.memory)
+        self.handler.observe(self.ctx, site, result)
+        after = _fingerprint(result.memory)
+        if after != before:
+            written = sum(n for key, n in after.items() if key not in before and key[0] != id(result.output))
+            self._stats.add_bytes(self.ctx.i, sum(before.values()), written)
+
+    def _moved(self, site: SiteKey, how: str, out: torch.Tensor) -> None:
+        """Bytes the executor moves for one site (the model in :class:`CacheStats`): a store writes the output
+        into the cache, a reuse reads it back, a forecast reads the site's history and writes its output."""
+        if how == "store":
+            self._stats.add_bytes(self.ctx.i, 0, out.nbytes)
+        elif how == "reuse":
+            self._stats.add_bytes(self.ctx.i, out.nbytes, 0)
+        else:  # emit
+            self._stats.add_bytes(self.ctx.i, tensor_bytes(self._call.memory.get(site, {})), out.nbytes)
 
     def _cached(self, site: SiteKey) -> torch.Tensor:
         try:
@@ -360,6 +419,21 @@ class CacheHandle:
 
 def _identity(x):
     return x
+
+
+def _fingerprint(obj, out: dict | None = None) -> dict:
+    """{(id, version): nbytes} of the tensors in a policy's slots (also inside lists, tuples and dicts):
+    a tensor replaced or updated in place shows up as a new key."""
+    out = {} if out is None else out
+    if isinstance(obj, torch.Tensor):  # inference tensors keep no version: identity only
+        out[(id(obj), None if obj.is_inference() else obj._version)] = obj.nbytes
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _fingerprint(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _fingerprint(v, out)
+    return out
 
 
 def _check_spans(spans, depth: int) -> dict[int, int]:

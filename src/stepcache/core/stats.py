@@ -16,6 +16,23 @@ class CacheStats:
     all tokens for a full computation, 0 for a reuse or a forecast, k for a partial one. Sites are
     named ``"<layer>.<branch>"`` (e.g. ``"3.mlp"``); a span that was reused or forecast records each
     of its blocks' branches with 0. ``kinds[i][site]`` says which of :data:`KINDS` it was.
+
+    Bytes moved (``moved[i] = [read, written]``, summed by step kind in :meth:`bytes_by_kind`) sit beside
+    the MACs because the work a cache adds is memory-bound: it costs time that MACs do not show. The
+    model counts whole tensors (``numel * element_size``) that the executor touches, per site:
+
+    - a computed site's output kept in the cache: written once (the store);
+    - a reused site's cached output: read once (by the gated residual add that consumes it);
+    - a forecast (``Emit``): the site's history (every tensor in its slots) read, the output written;
+    - a partial step: the cached (or forecast) base read as above, plus the scatter: the k fresh rows
+      and their index read, the k rows written;
+    - a span computed to refresh its residual: the block output and span input read, the residual written;
+    - a history update (``observe`` changed the policy's slots): every tensor held before read, every
+      tensor new or updated in place written (the site's output itself excluded: it is the store).
+
+    Not counted: weights, the model's own activations and residual adds (the uncached model moves those
+    too), and the adapter's gate multiplications. ``macs_fixed_skipped`` is the fixed per-block work
+    (adaLN rows that only feed reused branches) an adapter skipped; it is neither executed nor policy work.
     """
 
     num_tokens: int = 0
@@ -24,6 +41,8 @@ class CacheStats:
     macs_uncached: int = 0
     macs_policy: int = 0  # work of the policy itself (forecast arithmetic, indicators), inside macs_executed
     peak_cache_bytes: int = 0
+    macs_fixed_skipped: int = 0  # fixed work of executed blocks an adapter skipped (adaLN of reused branches)
+    moved: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # i -> [bytes read, bytes written]
     wall_s: float | None = None  # from begin_run to end_run
     decisions: dict = field(default_factory=lambda: defaultdict(dict))
     kinds: dict = field(default_factory=lambda: defaultdict(dict))
@@ -49,6 +68,27 @@ class CacheStats:
     def add_skipped(self, macs: int) -> None:
         """Work of the uncached run that this run did not do outside any site (a skipped block's adaLN)."""
         self.macs_uncached += macs
+
+    def add_unspent(self, macs: int) -> None:
+        """Fixed work counted up front (``add_fixed``) that the model then skipped: it stays in the uncached
+        total and leaves the executed one."""
+        self.macs_executed -= macs
+        self.macs_fixed_skipped += macs
+
+    def add_bytes(self, i: int, read: int, written: int) -> None:
+        """Bytes the executor moved at step ``i`` (see the model in the class docstring)."""
+        cell = self.moved[i]
+        cell[0] += read
+        cell[1] += written
+
+    def bytes_by_kind(self) -> dict[str, dict[str, int]]:
+        """{"read": {kind: bytes}, "written": {kind: bytes}} summed over the steps of each step kind."""
+        out = {"read": dict.fromkeys(KINDS, 0), "written": dict.fromkeys(KINDS, 0)}
+        for i, (read, written) in self.moved.items():
+            kind = self.step_kind(i)
+            out["read"][kind] += read
+            out["written"][kind] += written
+        return out
 
     def note_memory(self, nbytes: int) -> None:
         self.peak_cache_bytes = max(self.peak_cache_bytes, nbytes)
@@ -125,6 +165,9 @@ class CacheStats:
             "ideal_speedup": self.ideal_speedup,
             "num_tokens": self.num_tokens,
             "peak_cache_bytes": self.peak_cache_bytes,
+            "macs_fixed_skipped": self.macs_fixed_skipped,
+            "bytes_read": self.bytes_by_kind()["read"],
+            "bytes_written": self.bytes_by_kind()["written"],
             "wall_s": self.wall_s,
             "step_kinds": self.kind_counts(),
             "decisions": {str(i): dict(self.decisions[i]) for i in self.steps()},
@@ -143,17 +186,32 @@ class CacheStats:
                  f"({self.mac_ratio:.3f}; ideal speedup {self.ideal_speedup:.2f}x)"]
         if self.macs_policy:
             lines.append(f"  policy's own     {format_macs(self.macs_policy)} (forecasts, indicators)")
+        if self.macs_fixed_skipped:
+            lines.append(f"  adaLN skipped    {format_macs(self.macs_fixed_skipped)} (rows feeding only reused branches)")
+        moved = self.bytes_by_kind()
+        parts = [f"{k} {format_bytes(moved['read'][k])} / {format_bytes(moved['written'][k])}"
+                 for k in KINDS if kinds[k]]
+        lines.append("bytes moved        read / written by step kind: " + ("; ".join(parts) or "none"))
         for name, share in self.branch_shares().items():
             lines.append(f"  {name:<16} {share:.3f} of its token evaluations")
         lines.append(f"cache memory       {self.peak_cache_bytes / 2**20:.2f} MiB (peak)")
         if self.wall_s is not None:
             lines.append(f"wall time          {self.wall_s:.2f} s")
         if details:
-            lines.append("step   kind      tokens computed (share)")
+            lines.append("step   kind      tokens computed (share)   bytes read / written")
             for i in self.steps():
                 share = sum(self.decisions[i].values()) / max(1, self.num_tokens * len(self.decisions[i]))
-                lines.append(f"{i:>4}   {self.step_kind(i):<9} {share:.3f}")
+                read, written = self.moved.get(i, (0, 0))
+                lines.append(f"{i:>4}   {self.step_kind(i):<9} {share:<25.3f} {format_bytes(read)} / "
+                             f"{format_bytes(written)}")
         return "\n".join(lines)
+
+
+def format_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def format_macs(macs: int) -> str:

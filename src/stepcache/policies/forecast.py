@@ -141,21 +141,35 @@ def lagrange_weights(points: list[int], s: int) -> list[float]:
     return weights
 
 
-def newton_update(coeffs: list, nodes: list[int], value, s: int, order: int) -> tuple[list, list[int]]:
+def newton_update(coeffs: list, nodes: list[int], value, s: int, order: int, *,
+                  recycle: bool = False) -> tuple[list, list[int]]:
     """Divided differences with the new value first: ``coeffs[j] = f[s, z_0, ..., z_{j-1}]`` over the nodes
     (most recent first), from the previous ones in ``order`` subtractions and divisions, each by its true
-    spacing ``s - z_{j-1}`` (TaylorSeer's reference divides every order by the latest spacing only)."""
+    spacing ``s - z_{j-1}`` (TaylorSeer's reference divides every order by the latest spacing only).
+
+    ``recycle``: each new difference is written into the buffer of an old coefficient that nothing needs
+    after it (coefficient j into the old j-1 for j >= 2, read by the same subtraction; coefficient 1 into
+    the dropped top one), so a refresh allocates nothing; the old coefficients are consumed. Same bits.
+    """
     new = [value]
-    for j in range(1, min(order, len(coeffs)) + 1):
-        new.append((new[j - 1] - coeffs[j - 1]) / (s - nodes[j - 1]))
+    top = min(order, len(coeffs))
+    for j in range(1, top + 1):
+        buf = coeffs[j - 1] if j >= 2 else coeffs[top] if len(coeffs) > top >= 1 else None
+        if not recycle or buf is None or buf.shape != value.shape or buf.dtype != value.dtype:
+            new.append((new[j - 1] - coeffs[j - 1]) / (s - nodes[j - 1]))
+        else:
+            new.append(torch.sub(new[j - 1], coeffs[j - 1], out=buf).div_(s - nodes[j - 1]))
     return new, [s] + nodes[: len(new) - 1]
 
 
 def newton_eval(coeffs: list, nodes: list[int], s: int):
-    """The polynomial at s by Horner's rule, one fused multiply-add pass per order."""
-    out = coeffs[-1]
-    for j in range(len(coeffs) - 2, -1, -1):
-        out = torch.add(coeffs[j], out, alpha=s - nodes[j])
+    """The polynomial at s by Horner's rule, one fused multiply-add pass per order, in place in the one
+    new tensor (the output; order 0 returns the value itself)."""
+    if len(coeffs) == 1:
+        return coeffs[0]
+    out = torch.add(coeffs[-2], coeffs[-1], alpha=s - nodes[-2])
+    for j in range(len(coeffs) - 3, -1, -1):
+        torch.add(coeffs[j], out, alpha=s - nodes[j], out=out)
     return out
 
 
@@ -192,4 +206,5 @@ class ForecastPolicy(Policy):
         nodes = slots.get("z", [])
         if nodes and nodes[0] == s:  # a second solver stage of the same step: its first value stands
             return
-        slots["D"], slots["z"] = newton_update(slots.get("D", []), nodes, result.output, s, self.config.order)
+        slots["D"], slots["z"] = newton_update(slots.get("D", []), nodes, result.output, s, self.config.order,
+                                               recycle=True)

@@ -134,11 +134,15 @@ def check_order(num_steps: int, config: TaylorSeer) -> None:
 # --- the math: factor update and series evaluation ---------------------------------------------
 
 def update_factors(old: Sequence[torch.Tensor], feature: torch.Tensor, distance: int, max_order: int, *,
-                   difference: bool, dtype: torch.dtype | None, rules: str = "reference") -> list[torch.Tensor]:
+                   difference: bool, dtype: torch.dtype | None, rules: str = "reference",
+                   recycle: bool = False) -> list[torch.Tensor]:
     """New factors [F0, F1, ...] from a freshly computed ``feature`` and the previous factors ``old``.
 
     ``distance`` = steps since the previous full step (a Python int: the references divide by an int).
     Every order divides by this latest spacing only. ``dtype`` None keeps the feature dtype.
+    ``recycle`` (reference rules): the differences are written into the buffers of the old factors they
+    replace (F1 into the dropped top factor, F(k+1) into the old Fk, k >= 1: each is read just before it
+    is overwritten), so a refresh allocates nothing; the old factors are consumed. Same bits.
     """
     store = dtype or feature.dtype
     if rules == "reference":  # difference in the factor dtype
@@ -146,7 +150,11 @@ def update_factors(old: Sequence[torch.Tensor], feature: torch.Tensor, distance:
         for k in range(max_order):
             if not difference or k >= len(old) or old[k].shape != new[k].shape:
                 break
-            new.append((new[k] - old[k]) / distance)
+            buf = _spare(old, k, max_order, new[k]) if recycle else None
+            if buf is None:
+                new.append((new[k] - old[k]) / distance)
+            else:  # (new_k - old_k) / distance, in place in a buffer nobody else holds
+                new.append(torch.sub(new[k], old[k], out=buf).div_(distance))
         return new
     new = [feature]  # diffusers: difference in the feature dtype, then store
     for k in range(max_order):
@@ -156,23 +164,47 @@ def update_factors(old: Sequence[torch.Tensor], feature: torch.Tensor, distance:
     return [f.to(store) for f in new]
 
 
+def _spare(old: Sequence[torch.Tensor], k: int, max_order: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The old factor whose buffer may take the new F(k+1): F(k) itself for k >= 1 (read by the same
+    subtraction, needed by nothing after it), the dropped top factor for k = 0 (never the old F0: that
+    is a computed output, which the runtime holds)."""
+    if k >= 1:
+        buf = old[k]
+    elif len(old) > max_order >= 1:
+        buf = old[max_order]
+    else:
+        return None
+    return buf if buf.shape == like.shape and buf.dtype == like.dtype else None
+
+
 def forecast(factors: Sequence[torch.Tensor], offset: int, dtype: torch.dtype, *,
-             rules: str = "reference") -> torch.Tensor:
-    """The truncated Taylor series at ``offset`` steps after the last full step, in ``dtype``."""
+             rules: str = "reference", scratch=None) -> torch.Tensor:
+    """The truncated Taylor series at ``offset`` steps after the last full step, in ``dtype``.
+
+    The terms are formed and summed in place, in the references' order and roundings (addition
+    commutes exactly): one new tensor (the output), and for orders >= 2 one temporary, taken from
+    ``scratch(like)`` when given (a reused buffer, e.g. ``view.scratch``).
+    """
     if not factors:
         raise ConfigError("TaylorSeer has no factors to forecast from; the first step must be a full step.")
+    temp = scratch or torch.empty_like
     if rules == "reference":  # (1/k!) * F_k * x**k, summed left to right in the factor dtype
-        out = factors[0] if len(factors) > 1 else factors[0].clone()  # 1.0 * F0 * 1 is F0 itself
-        for k in range(1, len(factors)):
-            # k = 1: (1.0 * F1) * x is F1 * x bit for bit, one pass fewer on the hot path
-            term = factors[1] * offset if k == 1 else (1 / math.factorial(k)) * factors[k] * offset ** k
-            out = out + term
+        if len(factors) == 1:
+            return factors[0].clone().to(dtype)  # 1.0 * F0 * 1 is F0 itself
+        # k = 1: (1.0 * F1) * x is F1 * x bit for bit; F0 + F1 x as F1 x + F0
+        out = torch.mul(factors[1], offset).add_(factors[0])
+        for k in range(2, len(factors)):  # ((1/k!) * F_k) * x**k, then added
+            term = torch.mul(factors[k], 1 / math.factorial(k), out=temp(factors[k])).mul_(offset ** k)
+            out.add_(term)
         return out.to(dtype)
-    out = factors[0].to(dtype)  # diffusers: 0 + F0 * 1.0 is F0 (up to the sign of a zero)
-    if len(factors) == 1 and out is factors[0]:
-        out = out.clone()
-    for k in range(1, len(factors)):  # each factor cast to the output dtype, x^k/k! multiplied after it
-        out = out + factors[k].to(dtype) * (offset ** k / math.factorial(k))
+    if len(factors) == 1:  # diffusers: 0 + F0 * 1.0 is F0 (up to the sign of a zero)
+        out = factors[0].to(dtype)
+        return out.clone() if out is factors[0] else out
+    # each factor cast to the output dtype, x^k/k! multiplied after it; F0 + t1 as t1 + F0
+    out = torch.mul(factors[1].to(dtype), offset / 1).add_(factors[0].to(dtype))
+    for k in range(2, len(factors)):
+        term = factors[k].to(dtype)
+        out.add_(torch.mul(term, offset ** k / math.factorial(k), out=temp(term)))
     return out
 
 
@@ -254,7 +286,7 @@ class TaylorSeerPolicy(Policy):
         if not factors:
             raise ConfigError(f"TaylorSeer has nothing to forecast {site} from at step {ctx.i}: the run must start "
                               "with a full step.")
-        out = forecast(factors, s - slots["s"], slots["dtype"], rules=self.config.rules)
+        out = forecast(factors, s - slots["s"], slots["dtype"], rules=self.config.rules, scratch=view.scratch)
         return Emit(out, macs=forecast_macs(factors))
 
     def observe(self, ctx, site, result) -> None:
@@ -267,5 +299,5 @@ class TaylorSeerPolicy(Policy):
             return
         slots["F"] = update_factors(old, result.output, 0 if prev is None else s - prev, self.config.order,
                                     difference=prev is not None and takes_differences(s, self.config),
-                                    dtype=self.dtype, rules=self.config.rules)
+                                    dtype=self.dtype, rules=self.config.rules, recycle=True)
         slots["s"], slots["dtype"] = s, result.output.dtype
