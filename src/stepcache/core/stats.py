@@ -187,7 +187,8 @@ class CacheStats:
         if self.macs_policy:
             lines.append(f"  policy's own     {format_macs(self.macs_policy)} (forecasts, indicators)")
         if self.macs_fixed_skipped:
-            lines.append(f"  adaLN skipped    {format_macs(self.macs_fixed_skipped)} (rows feeding only reused branches)")
+            lines.append(f"  adaLN skipped    {format_macs(self.macs_fixed_skipped)} "
+                         "(rows feeding only reused branches)")
         moved = self.bytes_by_kind()
         parts = [f"{k} {format_bytes(moved['read'][k])} / {format_bytes(moved['written'][k])}"
                  for k in KINDS if kinds[k]]
