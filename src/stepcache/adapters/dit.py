@@ -38,6 +38,10 @@ class DiTAdapter(Adapter):
                          branches=self.branches, family=self.family,
                          capabilities=frozenset({"attention_map", "value_norms", "modulated_input"}))
 
+    def regions(self, model: DiT) -> list[tuple[object, str]]:
+        # looked up on the block at every call, so compiled before or after apply alike
+        return [(block, name) for block in model.blocks for name in ("modulation", "attn_branch", "mlp_branch")]
+
     def install(self, model: DiT, handle, patches: list) -> None:
         macs = dit_macs(model)
         patches.append(ForwardPatch(model, lambda original: self._model_forward(original, handle, macs["fixed"])))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 _MISSING = object()
@@ -30,3 +31,14 @@ class ForwardPatch(AttrPatch):
     def __init__(self, module: nn.Module, make_forward: Callable[[Callable], Callable]):
         original = module.forward  # bound method (or a previous instance patch)
         super().__init__(module, "forward", make_forward(original))
+
+
+def eager(fn: Callable) -> Callable:
+    """Run ``fn`` outside ``torch.compile``: a compiled model graph-breaks here and calls it as plain Python.
+
+    The cache decisions read the step, mutate dicts and record statistics: traced, each step's Python ints
+    would become guards and every step would recompile. Kept out, the break sits at the same place on every
+    call, so the compiled pieces around it are built once and never recompiled. Tensor work called from
+    ``fn`` runs eagerly unless it is compiled on its own (``stepcache.compile_blocks``).
+    """
+    return torch.compiler.disable(fn, reason="stepcache: cache decisions run eagerly, outside the graph")
