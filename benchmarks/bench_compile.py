@@ -125,13 +125,13 @@ def main(argv=None) -> dict:
 
 def markdown(record: dict) -> str:
     lines = [f"# torch.compile under a cache ({record['date']})", "",
-             f"`{record['command']}`: {record['model']}, {record['sampler']}, compile {record['compile_options']}, "
-             f"median of {record['rounds']} interleaved rounds, {record['threads']} threads, "
-             f"load average {', '.join(f'{x:.1f}' for x in record['load_average'])} (a shared machine).", "",
-             f"Graphs built during the timed rounds (recompilations): {record['graphs_built_in_timed_rounds']}; "
-             + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in record.items() if k.startswith("graphs_built_by")),
-             "", "| policy | build | median s | vs eager, same policy | vs eager uncached | ideal (MACs) | "
-             "compile s | max abs diff vs eager |", "|---|---|---|---|---|---|---|---|"]
+             (f"`{record['command']}`: {record['model']}, {record['sampler']}, compile {record['compile_options']}, "
+              f"median of {record['rounds']} interleaved rounds, {record['threads']} threads, "
+              f"load average {', '.join(f'{x:.1f}' for x in record['load_average'])} (a shared machine)."), "",
+             (f"Graphs built during the timed rounds (recompilations): {record['graphs_built_in_timed_rounds']}; "
+              + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in record.items() if k.startswith("graphs_built_by"))),
+             "", ("| policy | build | median s | vs eager, same policy | vs eager uncached | ideal (MACs) | "
+                  "compile s | max abs diff vs eager |"), "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['policy']} | {r['build']} | {r['median_s']:.2f} | {_x(r['speedup_vs_eager_same_policy'])} | "
                      f"{_x(r['speedup_vs_eager_uncached'])} | {r['ideal_speedup']:.2f}x | {r['compile_s']:.1f} | "

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from stepcache.core.hooks import eager
 from stepcache.core.context import RunInfo, SiteKey, StepContext
+from stepcache.core.hooks import eager
 from stepcache.core.policy import PolicyConfig, make_handler
 from stepcache.core.state import CallState, RunState, Slots
 from stepcache.core.stats import CacheStats
