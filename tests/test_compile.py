@@ -213,3 +213,22 @@ def test_diffusers_compiled_transformer_in_the_pipeline():
         assert torch.equal(run(pipe, steps=4), want)
         built = counter.frame_count
         assert built > 0 and torch.equal(run(pipe, steps=4), want) and counter.frame_count == built
+
+
+def test_uvit_whole_model_compile_under_a_cache():
+    """Every adapter's hooks run outside the graph: U-ViT (no regional recipe) compiles whole, in either order."""
+    model, counter = tiny_uvit(), CompileCounter()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([3])
+
+    def run(m):
+        torch.manual_seed(1)
+        return stepcache.sample(m, z, y, num_steps=5, sampler="dpm-solver++2s", cfg_scale=1.4)
+
+    with stepcache.apply(model, FORA(2)):
+        want = run(model)
+    compiled = torch.compile(model, backend=counter)
+    with stepcache.apply(compiled, FORA(2)):
+        assert torch.equal(run(compiled), want)
+        built = counter.frame_count
+        assert built > 0 and torch.equal(run(compiled), want) and counter.frame_count == built
