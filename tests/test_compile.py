@@ -176,8 +176,8 @@ def _compile_repeated_blocks(transformer, backend):
             block.compile(backend=backend)
 
 
-@pytest.mark.parametrize("name", ["dit", "flux"])
-@pytest.mark.parametrize("regions", ["diffusers blocks", "stepcache.compile_blocks", "both"])
+@pytest.mark.parametrize("name, regions", [("dit", "both"), ("flux", "diffusers blocks"),
+                                           ("flux", "stepcache.compile_blocks")])
 def test_diffusers_regional_compilation_then_apply_then_pipe(name, regions):
     pipe, run = _pipeline(name)
     with stepcache.apply(pipe.transformer, FORA(2)):
