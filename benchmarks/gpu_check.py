@@ -6,8 +6,9 @@ H100/H200 at most, or seconds with ``--tiny`` on a CPU):
 - native: stepcache's DiT with DiT-XL/2 geometry (28 blocks, width 1152, 256 tokens), random weights with
   the zero-initialised adaLN and output layers re-randomised, cast to ``--dtype`` (bf16); DDIM-50, a batch
   of 8 labels with CFG 4.0 (16 rows). Policies: uncached, FORA(3), ToCa, TaylorSeer, Forecast, FBCache,
-  DBCache. Eager, then compiled (``torch.compile`` of every block's attention and MLP in place, the cache
-  logic staying eager) when ``torch.compile`` works here; a failure is recorded and the section skipped.
+  DBCache. Eager, then compiled (``stepcache.compile_blocks``: every block's modulation, attention and MLP
+  compiled in place, the cache logic staying eager) when ``torch.compile`` works here; a failure is recorded
+  and the section skipped.
 - peers: diffusers' ``DiTTransformer2DModel`` of the same geometry in a ``DiTPipeline`` (a one-block stub
   VAE; the latents are compared), the native weights converted with ``stepcache.models.convert`` when this
   build has it (else the section is skipped, saying so): stepcache FORA(3) / FBCache / TaylorSeer and
@@ -96,14 +97,10 @@ def inputs(model, args, device):
 
 
 def compile_blocks(model) -> None:
-    """Regional compilation: each block's attention and MLP compiled in place (one graph reused by all
-    blocks); the caching runtime around them stays eager, so every policy runs unchanged."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    for block in model.blocks:
-        block.attn.compile()
-        block.mlp.compile()
+    """Regional compilation, the supported path (``stepcache.compile_blocks``): each block's branch work
+    (adaLN modulation, attention, MLP) compiled in place, one graph shared by all blocks; the cache
+    decisions stay in Python, so every policy runs unchanged and nothing recompiles from step to step."""
+    stepcache.compile_blocks(model)
 
 
 # ------------------------------------------------------------------------------------------- timing

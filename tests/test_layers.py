@@ -7,8 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "stepcache"
 RANK = {"_version": 0, "errors": 0, "assets": 0, "core": 1, "io": 1, "downloads": 1, "models": 2, "diffusion": 2,
-        "policies": 2, "policy_file": 2, "adapters": 3, "api": 4, "sampling": 5, "eval": 5, "training": 6, "bench": 7,
-        "tune": 7, "cli": 9,
+        "policies": 2, "policy_file": 2, "adapters": 3, "api": 4, "compilation": 4, "sampling": 5, "eval": 5,
+        "training": 6, "bench": 7, "tune": 7, "cli": 9,
         "__main__": 9, "": 10}
 
 

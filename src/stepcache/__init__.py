@@ -1,6 +1,7 @@
 """stepcache: training-free feature caching for diffusion transformers (FORA, ToCa, L2C, ...)."""
 
 from stepcache.api import apply, get_handle, remove, summary
+from stepcache.compilation import compile_blocks, uncompile_blocks
 from stepcache.core.context import StepContext
 from stepcache.core.engine import CacheHandle
 from stepcache.core.policy import NoCache, PolicyConfig, known_methods
@@ -26,7 +27,8 @@ from stepcache.sampling.sample import sample
 from stepcache._version import __version__  # noqa: E402
 
 __all__ = [
-    "DiT", "UViT", "STDiT3", "sample", "apply", "remove", "summary", "get_handle", "CacheHandle", "CacheStats",
+    "DiT", "UViT", "STDiT3", "sample", "apply", "remove", "summary", "get_handle", "compile_blocks",
+    "uncompile_blocks", "CacheHandle", "CacheStats",
     "StepContext", "PolicyConfig", "NoCache", "FORA", "L2C", "ToCa", "TaylorSeer", "FBCache", "MagCache", "TeaCache",
     "DBCache", "Forecast", "known_methods", "load_policy", "StepcacheError", "ConfigError",
     "CheckpointError", "ModelMismatchError", "UnsupportedModelError", "ClockError", "__version__",

@@ -7,6 +7,7 @@ diffusers clock (which step a pipeline is on).
 from __future__ import annotations
 
 from stepcache.adapters import find_adapter
+from stepcache.adapters.base import unwrap_compiled
 from stepcache.core.engine import HANDLE_ATTR, CacheHandle
 from stepcache.core.policy import PolicyConfig
 from stepcache.errors import StepcacheError
@@ -18,6 +19,7 @@ def apply(model, policy: PolicyConfig) -> CacheHandle:
     leaves the model exactly as it was."""
     if not isinstance(policy, PolicyConfig):
         raise StepcacheError(f"policy must be a stepcache policy config such as FORA(3), got {type(policy).__name__}.")
+    model = unwrap_compiled(model)  # compile then apply: the hooks go on the module the wrapper calls
     target, adapter = find_adapter(model)
     handle = CacheHandle(target, adapter, policy).install()
     pipe = model if target is not model else None
@@ -37,10 +39,11 @@ def apply(model, policy: PolicyConfig) -> CacheHandle:
 
 
 def get_handle(model) -> CacheHandle | None:
-    """The handle installed on ``model`` (or on a pipeline's transformer), if any."""
+    """The handle installed on ``model`` (or on a pipeline's transformer; either may be compiled), if any."""
+    model = unwrap_compiled(model)
     handle = model.__dict__.get(HANDLE_ATTR) if hasattr(model, "__dict__") else None
     if handle is None and hasattr(model, "transformer"):
-        handle = getattr(model.transformer, "__dict__", {}).get(HANDLE_ATTR)
+        handle = getattr(unwrap_compiled(model.transformer), "__dict__", {}).get(HANDLE_ATTR)
     return handle
 
 

@@ -27,6 +27,12 @@ class Adapter:
     def info(self, model) -> ModelInfo:
         raise NotImplementedError
 
+    def regions(self, model) -> list[tuple[object, str]]:
+        """(object, attribute) of the pure tensor functions that ``stepcache.compile_blocks`` compiles: the
+        per-block work the hooks call (branch computations), none of the cache decisions."""
+        raise UnsupportedModelError(f"stepcache.compile_blocks does not know the blocks of {self.family} models; "
+                                    "compile their modules with torch.compile yourself.")
+
     def install(self, model, handle, patches: list) -> None:
         """Patch the model's forwards to route through ``handle``, appending each patch to ``patches``
         as soon as it is made (so a refusal half-way can be undone exactly)."""
@@ -42,11 +48,20 @@ def supported_models() -> list[str]:
     return [a.family for a in _ADAPTERS]
 
 
+def unwrap_compiled(model):
+    """The module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else ``model``: hooks go
+    on the inner module, which the wrapper calls, so both orders of apply and compile run the same hooks."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
+
+
 def find_adapter(obj):
-    """(model, adapter) for a model or a pipeline holding one in ``.transformer``."""
+    """(model, adapter) for a model or a pipeline holding one in ``.transformer`` (either maybe compiled)."""
+    obj = unwrap_compiled(obj)
     candidates = [obj]
     if hasattr(obj, "transformer"):
-        candidates.append(obj.transformer)
+        candidates.append(unwrap_compiled(obj.transformer))
     for model in candidates:
         for adapter in _ADAPTERS:
             if adapter.matches(model):

@@ -40,6 +40,13 @@ class DiTAdapter(Adapter):
                          capabilities=frozenset({"attention_map", "value_norms", "modulated_input"}),
                          names=tuple(getattr(model, "stepcache_names", ())))
 
+    def regions(self, model: DiT) -> list[tuple[object, str]]:
+        # looked up on the block at every call, so compiled before or after apply alike
+        # (forward_with_map/values: the attention a scoring policy such as ToCa asks for on full steps)
+        return [(obj, name) for block in model.blocks
+                for obj, name in ((block, "modulation"), (block, "attn_branch"), (block, "mlp_branch"),
+                                  (block.attn, "forward_with_map"), (block.attn, "forward_with_values"))]
+
     def install(self, model: DiT, handle, patches: list) -> None:
         macs = dit_macs(model)
         lane = Lane()

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from stepcache.core.context import RunInfo, SiteKey, StepContext
+from stepcache.core.hooks import eager
 from stepcache.core.policy import PolicyConfig, make_handler
 from stepcache.core.state import CallState, RunState, Slots, tensor_bytes
 from stepcache.core.stats import CacheStats
@@ -117,8 +118,26 @@ class CacheHandle:
                 patch.restore()
             raise
         self._patches = patches
+        self._hooks = len(patches)  # the adapter's own patches come first (a pipeline clock may follow)
         setattr(self.model, HANDLE_ATTR, self)
         return self
+
+    def rehook(self, change: Callable[[], None]) -> None:
+        """Take the adapter's hooks off, run ``change`` (e.g. put compiled forwards on the blocks' modules)
+        and hook again: hooks keep the forward they wrapped, so they must wrap the changed one."""
+        hooks, rest = self._patches[:self._hooks], self._patches[self._hooks:]
+        for patch in reversed(hooks):
+            patch.restore()
+        self._patches = list(rest)
+        change()
+        patches: list = []
+        try:
+            self.adapter.install(self.model, self, patches)
+        except BaseException:
+            for patch in reversed(patches):
+                patch.restore()
+            raise
+        self._patches, self._hooks = patches + self._patches, len(patches)
 
     def remove(self) -> None:
         """Restore the original forwards exactly and free every cached tensor."""
@@ -189,6 +208,7 @@ class CacheHandle:
         return f"policy             {resolved!r}\n{self._stats.table(details)}"
 
     # ------------------------------------------------------------------ called by adapter hooks
+    @eager
     def before_call(self, rows: int, fixed_macs: int) -> StepContext:
         if self.ctx is None:
             raise ClockError("The cached model was called outside a sampling run: use stepcache.sample(), a "
@@ -203,6 +223,7 @@ class CacheHandle:
         self.handler.state = self._call.policy
         return self.ctx
 
+    @eager
     def peek(self, layer: int, name: str):
         """The action for (layer, branch) at this call, decided ahead of the branch call (adapters use it
         to skip work that only feeds a reused branch); the branch call then uses the same action. None
@@ -249,6 +270,7 @@ class CacheHandle:
             self._uncached = False
 
     # ------------------------------------------------------------------ spans (blocks as one unit)
+    @eager
     def block(self, layer: int, x: torch.Tensor, run: Callable[[], Any], *, sites: tuple = (), fixed: int = 0,
               hidden: Callable[[Any], torch.Tensor] | None = None,
               passthrough: Callable[[torch.Tensor], Any] | None = None, probes: dict | None = None):
@@ -308,6 +330,7 @@ class CacheHandle:
             self._stats.record(self.ctx.i, f"{layer}.{name}", 0, 0, rows * macs(T), kind)
 
     # ------------------------------------------------------------------ branches
+    @eager
     def branch(self, layer: int, name: str, full: Callable, *, with_map: Callable | None = None,
                tokens: Callable | None = None, macs: Callable[[int], int],
                with_values: Callable | None = None, x: torch.Tensor | None = None,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import torch
 from torch import nn
 
 _MISSING = object()
@@ -58,3 +60,29 @@ class ForwardPatch:
 def _is_class_forward(module: nn.Module, fn) -> bool:
     """Whether ``fn`` is just the class's own ``forward`` bound to ``module`` (no instance attribute needed)."""
     return getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward
+
+
+def eager(fn: Callable) -> Callable:
+    """Run ``fn`` outside ``torch.compile``: a compiled model graph-breaks here and calls it as plain Python.
+
+    The cache decisions read the step, mutate dicts and record statistics: traced, each step's Python ints
+    would become guards and every step would recompile. Kept out, the break sits at the same place on every
+    call, so the compiled pieces around it are built once and never recompiled. Tensor work called from
+    ``fn`` runs eagerly unless it is compiled on its own (``stepcache.compile_blocks``). The disabled twin
+    is made on the first traced call, so an eager-only program never imports dynamo (as long again as torch).
+    """
+    twin: list = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():  # being traced (a constant to dynamo): hand over to the twin
+            return _outside(fn, twin)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _outside(fn: Callable, twin: list) -> Callable:
+    if not twin:
+        twin.append(torch.compiler.disable(fn, reason="stepcache: cache decisions run eagerly, outside the graph"))
+    return twin[0]

@@ -28,6 +28,7 @@ from stepcache.errors import ConfigError, UnsupportedModelError
 from stepcache.models.dit import DiT
 from stepcache.models.uvit import UViT
 from stepcache.core.context import StepContext
+from stepcache.adapters.base import unwrap_compiled
 from stepcache.api import apply, get_handle
 from stepcache.sampling.dpm_solver import data_prediction, dpm_solver_2s
 from stepcache.sampling.guidance import guided_forward
@@ -37,9 +38,13 @@ from stepcache.sampling.samplers import SAMPLERS
 SOLVERS = ("dpm-solver++2s",)
 
 
+def _is_uvit(model) -> bool:
+    return isinstance(unwrap_compiled(model), UViT)  # a torch.compile wrapper samples as the model inside
+
+
 def handles(model, sampler: str) -> bool:
     """Whether ``stepcache.sample`` should run this (model, sampler) pair here."""
-    return sampler in SOLVERS or isinstance(model, UViT)
+    return sampler in SOLVERS or _is_uvit(model)
 
 
 class ScaledLinearDiffusion(Diffusion):
@@ -59,10 +64,10 @@ def _check(model, noise, labels, num_steps, sampler, cfg_scale) -> None:
         raise ConfigError(f"cfg_scale must be >= 1 (1 disables guidance), got {cfg_scale}.")
     if noise.dim() != 4:
         raise ConfigError(f"noise must have shape (n, C, H, W), got {tuple(noise.shape)}.")
-    if not isinstance(model, (UViT, DiT)):
+    if not isinstance(unwrap_compiled(model), (UViT, DiT)):
         raise UnsupportedModelError(f"{sampler} sampling supports stepcache's DiT and UViT, not "
                                     f"{type(model).__name__}.")
-    if isinstance(model, UViT):
+    if _is_uvit(model):
         c = model.config
         want, classes = (c.in_chans, c.img_size, c.img_size), model.num_classes - 1  # last row: null label
         if model.num_classes <= 0 and cfg_scale > 1.0:
@@ -84,9 +89,9 @@ def _check(model, noise, labels, num_steps, sampler, cfg_scale) -> None:
 def _channels(model, noise, guide_channels) -> int:
     """Guided channels: all for U-ViT (its reference); DiT's 3 by default, or as asked."""
     C = noise.shape[1]
-    if guide_channels == "all" or (guide_channels is None and isinstance(model, UViT)):
+    if guide_channels == "all" or (guide_channels is None and _is_uvit(model)):
         return C
-    if isinstance(model, UViT):
+    if _is_uvit(model):
         raise ConfigError("U-ViT guides all channels, as its reference; leave guide_channels unset or 'all'.")
     channels = min(3, C) if guide_channels is None else int(guide_channels)
     if not 1 <= channels <= C:
@@ -97,7 +102,7 @@ def _channels(model, noise, guide_channels) -> int:
 # ---------------------------------------------------------------------------------------------- family
 def noise_prediction(model, labels, cfg_scale: float, channels):
     """``eps(x (B, C, H, W), t_model (B,)) -> (B, C, H, W)``, guided when ``cfg_scale > 1``."""
-    if isinstance(model, UViT):
+    if _is_uvit(model):
         y = labels if model.num_classes > 0 else None
         scale = round(cfg_scale - 1.0, 12)  # 1.4 - 1 is 0.39999999999999991; the reference multiplies by 0.4
 
@@ -124,13 +129,13 @@ def noise_prediction(model, labels, cfg_scale: float, channels):
 
 def continuous_time(model, t: torch.Tensor) -> torch.Tensor:
     """DPM-Solver's t in (0, 1] -> the model's time input (see the module docstring)."""
-    if isinstance(model, UViT):
+    if _is_uvit(model):
         return t * 1000
     return (t - 1.0 / 1000) * 1000.0
 
 
 def training_schedule(model) -> DiscreteVPSchedule:
-    return DiscreteVPSchedule(scaled_linear_betas() if isinstance(model, UViT) else linear_betas())
+    return DiscreteVPSchedule(scaled_linear_betas() if _is_uvit(model) else linear_betas())
 
 
 # ---------------------------------------------------------------------------------------------- loops

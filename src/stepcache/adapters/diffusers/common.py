@@ -38,7 +38,7 @@ from stepcache.adapters.diffusers.probes import modulated_input, supports_modula
 from stepcache.core.context import ModelInfo
 from stepcache.errors import ClockError, ConfigError
 from stepcache.adapters.diffusers.clock import adopt_from_stack
-from stepcache.core.hooks import AttrPatch, ForwardPatch
+from stepcache.core.hooks import AttrPatch, ForwardPatch, eager
 
 def diffusers_available() -> bool:
     return importlib.util.find_spec("diffusers") is not None
@@ -226,6 +226,11 @@ class DiffusersAdapter(Adapter):
                          branches=self.branches, family=self.family, capabilities=frozenset(capabilities),
                          variant=self.variant)
 
+    def regions(self, model) -> list[tuple[object, str]]:
+        """The sites' modules (attention, feed-forward): their forwards are what a hooked site runs."""
+        return [(getattr(block, s.module), "forward") for block, group in self.blocks(model) for s in group.sites
+                if getattr(block, s.module, None) is not None]
+
     # ------------------------------------------------------------------ installation
     def install(self, model, handle, patches: list) -> None:
         refuse_diffusers_cache(model)
@@ -244,18 +249,18 @@ class DiffusersAdapter(Adapter):
                     continue
                 make = SITE_KINDS[site.kind]
                 patches.append(ForwardPatch(module, lambda orig, m=module, s=site, l=layer:
-                                            make(orig, m, s, l, handle, geom)))
+                                            eager(make(orig, m, s, l, handle, geom))))
                 norm = getattr(block, site.norm, None) if site.norm and self.skip_unused_norms else None
                 if isinstance(norm, nn.LayerNorm):
                     patches.append(ForwardPatch(norm, lambda orig, s=site, l=layer:
-                                                _skippable_norm(orig, s, l, handle)))
+                                                eager(_skippable_norm(orig, s, l, handle))))
         self.patch_blocks(model, handle, patches)
         if handle.has_spans:  # blocks as units: outermost, so a reused span skips the whole block
             for layer, (block, group) in enumerate(self.blocks(model)):
                 sites = tuple((s.branch, getattr(block, s.module).forward.site_macs) for s in group.sites
                               if getattr(block, s.module, None) is not None)
                 patches.append(ForwardPatch(block, lambda orig, l=layer, g=group, st=sites, b=block:
-                                            _span_block(orig, l, g, st, handle, b)))
+                                            eager(_span_block(orig, l, g, st, handle, b))))
 
     def patch_blocks(self, model, handle, patches: list) -> None:
         """Family hook: replace block forwards (FLUX's single blocks) before the span wrappers go on."""
@@ -263,8 +268,8 @@ class DiffusersAdapter(Adapter):
     def _model_forward(self, model, original, handle, geom: Geometry):
         fixed_per_token = self._fixed_macs(model)
 
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
+        @eager
+        def begin(args, kwargs):  # the clock, geometry and accounting of one call: plain Python, never traced
             call = _call_args(original, args, kwargs)
             T, grid, L = self.geometry(model, call)
             clock = getattr(handle, "clock", None)
@@ -278,10 +283,27 @@ class DiffusersAdapter(Adapter):
                 clock.on_model_call(rows, call.arguments.get("timestep"), self)
             fixed = fixed_per_token[0] * T + fixed_per_token[1] * L + fixed_per_token[2]
             if self.uncached_call(call):
-                with handle.uncached(rows * fixed):
-                    return original(*args, **kwargs)
+                scope = handle.uncached(rows * fixed)
+                scope.__enter__()
+                open_scopes.append(scope)
+                return True
             handle.before_call(rows, rows * fixed)
-            return original(*args, **kwargs)
+            return False
+
+        @eager
+        def finish():
+            open_scopes.pop().__exit__(None, None, None)
+
+        open_scopes: list = []  # the uncached scope of the call in progress
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            if not begin(args, kwargs):
+                return original(*args, **kwargs)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                finish()
 
         return forward
 
