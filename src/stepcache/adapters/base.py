@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from stepcache.errors import UnsupportedModelError
@@ -51,7 +53,8 @@ def supported_models() -> list[str]:
 def unwrap_compiled(model):
     """The module inside a ``torch.compile`` wrapper (``OptimizedModule._orig_mod``), else ``model``: hooks go
     on the inner module, which the wrapper calls, so both orders of apply and compile run the same hooks."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # never loaded: nothing was compiled (and importing
+    if frames is not None and isinstance(model, frames.OptimizedModule):  # dynamo costs as much as torch)
         return model._orig_mod
     return model
 
