@@ -34,9 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--image-size", type=int, choices=(256, 512), default=256, help="(default: %(default)s)")
     p.add_argument("--vae", default="ema", help="DiT: SD VAE variant, ema or mse (default: %(default)s); STDiT3: a "
                    "diffusers AutoencoderKL folder or hub id, decoded per latent frame into a video")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++2s"), default="ddpm",
-                   help="dpm-solver++2s: 2 model calls per step (default: %(default)s)")
-    p.add_argument("--num-sampling-steps", type=positive_int, default=250, help="(default: %(default)s)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm-solver++2s"), default=None,
+                   help="dpm-solver++2s: 2 model calls per step (default: ddpm; ddim for the embedded model)")
+    p.add_argument("--num-sampling-steps", type=positive_int, default=None,
+                   help="(default: 250; 50 for the embedded model, 30 for STDiT3)")
     p.add_argument("--cfg-scale", type=finite_float, default=4.0, help="guidance scale, 1 = off (default: %(default)s)")
     p.add_argument("--guide-all-channels", action="store_true", help="guide all latent channels, not DiT's first 3")
     p.add_argument("--seed", type=seed_int, default=0, help="(default: %(default)s)")
@@ -76,7 +77,14 @@ def run(args) -> int:
     """Everything that can be refused is refused before the first sampling step (an uncached DiT-XL/2
     DDPM-250 baseline takes minutes): options, output folder, model, and the policy against the model."""
     if is_video_model(args.model):
+        args.sampler = "rflow"  # OpenSora's rectified flow, whatever --sampler says (a policy file is checked on it)
         return run_video(args)
+    if args.sampler is None or args.num_sampling_steps is None:  # not given: the model's own defaults
+        from stepcache.models.embedded import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+        embedded = args.model == "embedded"
+        args.sampler = args.sampler or (DEFAULT_SAMPLER if embedded else "ddpm")
+        args.num_sampling_steps = args.num_sampling_steps or (DEFAULT_STEPS if embedded else 250)
     if args.vae not in ("ema", "mse"):
         raise ConfigError(f"--vae must be ema or mse for {args.model}, got {args.vae!r}.")
     check_guidance_and_interval(args)
