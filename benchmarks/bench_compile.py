@@ -133,7 +133,8 @@ def markdown(record: dict) -> str:
              "", ("| policy | build | median s | vs eager, same policy | vs eager uncached | ideal (MACs) | "
                   "compile s | max abs diff vs eager |"), "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        lines.append(f"| {r['policy']} | {r['build']} | {r['median_s']:.2f} | {_x(r['speedup_vs_eager_same_policy'])} | "
+        lines.append(f"| {r['policy']} | {r['build']} | {r['median_s']:.2f} | "
+                     f"{_x(r['speedup_vs_eager_same_policy'])} | "
                      f"{_x(r['speedup_vs_eager_uncached'])} | {r['ideal_speedup']:.2f}x | {r['compile_s']:.1f} | "
                      f"{r['max_abs_diff_vs_eager']:.1e} |")
     return "\n".join(lines)
