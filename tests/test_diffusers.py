@@ -163,13 +163,7 @@ def run_flux(pipe, rows=(0,), steps=STEPS, cfg=1.0):
                 latents=_latents(rows, (16, 16)), num_inference_steps=steps, output_type="latent", **extra).images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 FAMILIES = {"dit": (build_dit, run_dit), "pixart": (build_pixart, run_pixart), "sd3": (build_sd3, run_sd3),

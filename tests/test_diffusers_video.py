@@ -115,12 +115,7 @@ TOKENS = {"cogvideox": (48, (12, 4)), "wan": (32, (8, 4)), "ltx": (32, (8, 4))} 
 TOCA = {"cogvideox": dict(score="kv-norm", bonus_grid=2), "wan": dict(bonus_grid=2), "ltx": dict(bonus_grid=2)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -25,12 +25,7 @@ from stepcache import FORA  # noqa: E402
 from test_diffusers import FAMILIES  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _offload_hook(module):

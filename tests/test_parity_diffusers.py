@@ -23,12 +23,7 @@ FB_THRESHOLDS = {"flux": 0.05, "pixart": 0.1, "dit": 0.05}
 MAG_RATIOS = [1.0] + [0.97 + 0.01 * (s % 5) for s in range(STEPS - 1)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_module():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _peer_run(build, run, config, needs_context, module=lambda tr: None):
