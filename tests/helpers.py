@@ -44,3 +44,21 @@ def tiny_uvit(depth: int = 4, embed_dim: int = 32, heads: int = 2, img_size: int
             else:
                 p.copy_(0.05 * noise)
     return model.eval()
+
+
+def hand_fora_pass(model, x, t, y, cache: dict, refresh: bool):
+    """One forward of a native DiT with FORA written out by hand from the spec (DiT's block arithmetic,
+    ``x + gate * a`` with the full adaLN): on ``refresh`` every block's attention and MLP outputs are
+    recomputed into ``cache`` ((layer, "a" | "m") -> tensor), otherwise the cached ones are reused."""
+    from stepcache.models.dit import modulate
+
+    h, c = model.embed(x, t, y)
+    for l, blk in enumerate(model.blocks):
+        s1, sc1, g1, s2, sc2, g2 = blk.modulation(c)
+        if refresh:
+            cache[l, "a"] = blk.attn(modulate(blk.norm1(h), s1, sc1))
+        h = h + g1.unsqueeze(1) * cache[l, "a"]
+        if refresh:
+            cache[l, "m"] = blk.mlp(modulate(blk.norm2(h), s2, sc2))
+        h = h + g2.unsqueeze(1) * cache[l, "m"]
+    return model.unpatchify(model.final_layer(h, c))

@@ -6,14 +6,13 @@ import torch
 import stepcache
 from stepcache import FORA, NoCache, sample
 from stepcache.diffusion.schedule import Diffusion
-from stepcache.models.dit import modulate
 from stepcache.core.policy import make_handler
 from stepcache.core.context import ModelInfo, SiteKey
 from stepcache.policies.fora import fora_refresh
 from stepcache.core.context import RunInfo, StepContext
 from stepcache.sampling.guidance import guided_forward
 from stepcache.sampling.samplers import ddpm_step
-from helpers import tiny_dit
+from helpers import hand_fora_pass, tiny_dit
 
 
 def _run(model, steps, policy, sampler="ddpm", n=2, seed=0, cfg=1.5):
@@ -80,16 +79,7 @@ def _independent_fora(model, z, y, steps, interval, cfg):
     cache = {}
 
     def forward(xin, t, labels):
-        h, c = model.embed(xin, t, labels)
-        for l, blk in enumerate(model.blocks):
-            s1, sc1, g1, s2, sc2, g2 = blk.modulation(c)
-            if refresh:
-                cache[l, "a"] = blk.attn(modulate(blk.norm1(h), s1, sc1))
-            h = h + g1.unsqueeze(1) * cache[l, "a"]
-            if refresh:
-                cache[l, "m"] = blk.mlp(modulate(blk.norm2(h), s2, sc2))
-            h = h + g2.unsqueeze(1) * cache[l, "m"]
-        return model.unpatchify(model.final_layer(h, c))
+        return hand_fora_pass(model, xin, t, labels, cache, refresh)
 
     with torch.no_grad():
         for i in range(steps - 1, -1, -1):

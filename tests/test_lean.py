@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import tiny_dit
+from helpers import hand_fora_pass, tiny_dit
 
 import stepcache
 from stepcache import FORA, L2C, ToCa, sample
@@ -104,25 +104,13 @@ def test_mixed_blocks_are_exercised(name):
 def test_lean_fora_equals_the_plain_block_arithmetic_bitwise(sampler):
     """The lean path against DiT's block arithmetic written out by hand (``x + gate * a``, the full adaLN),
     driven by the same sampler through an instance ``forward``: FORA(2) refreshes at i = S-1 and even i."""
-    from stepcache.models.dit import modulate
-
     model, steps = tiny_dit(depth=2), 6
     lean, _, _ = _run(model, FORA(2), lean=True, sampler=sampler, steps=steps)
     cache, calls = {}, iter(range(steps - 1, -1, -1))
 
     def forward(x, t, y):
         i = next(calls)
-        refresh = i == steps - 1 or i % 2 == 0
-        h, c = model.embed(x, t, y)
-        for l, blk in enumerate(model.blocks):
-            s1, sc1, g1, s2, sc2, g2 = blk.modulation(c)
-            if refresh:
-                cache[l, "a"] = blk.attn(modulate(blk.norm1(h), s1, sc1))
-            h = h + g1.unsqueeze(1) * cache[l, "a"]
-            if refresh:
-                cache[l, "m"] = blk.mlp(modulate(blk.norm2(h), s2, sc2))
-            h = h + g2.unsqueeze(1) * cache[l, "m"]
-        return model.unpatchify(model.final_layer(h, c))
+        return hand_fora_pass(model, x, t, y, cache, refresh=i == steps - 1 or i % 2 == 0)
 
     model.forward = forward
     try:
