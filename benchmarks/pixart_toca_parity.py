@@ -96,15 +96,11 @@ def diffusers_twin(ref_model, depth: int):
 
 
 def inputs(lengths: tuple, seed: int = 1):
-    """Noise (B, 4, H, W), caption features (B, 1, L, C) and the T5-style 0/1 mask (B, L) of each prompt."""
-    g = torch.Generator().manual_seed(seed)
-    B, L, C, side = len(lengths), SMALL["model_max_length"], SMALL["caption_channels"], SMALL["input_size"]
-    noise = torch.randn(B, 4, side, side, generator=g)
-    text = torch.randn(B, 1, L, C, generator=g)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, :n] = 1
-    return noise, text, mask
+    """Noise, caption features and mask of each prompt (tests/pixart_helpers.pixart_inputs) at SMALL's sizes."""
+    from tests.pixart_helpers import pixart_inputs
+
+    return pixart_inputs(lengths, seed, text_len=SMALL["model_max_length"], channels=SMALL["caption_channels"],
+                         side=SMALL["input_size"])
 
 
 # ---------------------------------------------------------------------------------- the stepcache side

@@ -48,10 +48,12 @@ def null_caption(seed: int = 0) -> torch.Tensor:
     return torch.randn(TINY["text_len"], TINY["caption_channels"], generator=g) / TINY["caption_channels"] ** 0.5
 
 
-def pixart_inputs(lengths=(9,), seed: int = 1):
-    """Noise (B, 4, H, W), caption features (B, 1, L, C) and the T5-style 0/1 mask (B, L) of each prompt."""
+def pixart_inputs(lengths=(9,), seed: int = 1, text_len: int = TINY["text_len"],
+                  channels: int = TINY["caption_channels"], side: int = TINY["side"]):
+    """Noise (B, 4, H, W), caption features (B, 1, L, C) and the T5-style 0/1 mask (B, L) of each prompt
+    (the tiny model's sizes unless given)."""
     g = torch.Generator().manual_seed(seed)
-    B, L, C, side = len(lengths), TINY["text_len"], TINY["caption_channels"], TINY["side"]
+    B, L, C = len(lengths), text_len, channels
     noise = torch.randn(B, 4, side, side, generator=g)
     text = torch.randn(B, 1, L, C, generator=g)
     mask = torch.zeros(B, L, dtype=torch.long)
