@@ -11,6 +11,7 @@ cross-attention materialises into an additive 0/-inf mask), ``mmengine``'s regis
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import types
@@ -97,23 +98,32 @@ def load(ref_dir: Path, deps_dir: Path | None = None) -> types.SimpleNamespace:
     root = Path(ref_dir)
     if not (root / "opensora" / "models" / "stdit" / "stdit3.py").exists():
         raise SystemExit(f"{root} is not the Open-Sora folder of Shenyi-Z/ToCa (no opensora/models/stdit/stdit3.py).")
-    saved = dict(sys.modules)
-    paths = [str(root)] + ([str(deps_dir)] if deps_dir else [])
-    sys.path[:0] = paths
-    try:
-        sys.modules.update(_stubs())
-        for name in _PACKAGES:
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(root / name.replace(".", "/"))]
-            sys.modules[name] = pkg
+    paths = [root] + ([Path(deps_dir)] if deps_dir else [])
+    with isolated_imports(root, paths, _stubs(), _PACKAGES, owned=("opensora", "xformers", "mmengine", "timm")):
         stdit3 = importlib.import_module("opensora.models.stdit.stdit3")
         rf = importlib.import_module("opensora.schedulers.rf")
         cache = importlib.import_module("opensora.models.cache_functions")
         gff = importlib.import_module("opensora.models.cache_functions.global_force_fresh")
+    return types.SimpleNamespace(stdit3=stdit3, rf=rf, cache=cache, global_force_fresh=gff)
+
+
+@contextlib.contextmanager
+def isolated_imports(root: Path, paths: list, stubs: dict, packages: tuple, owned: tuple):
+    """Import reference code inside: ``paths`` first on ``sys.path``, the ``stubs`` for its GPU-only imports,
+    and ``packages`` (dotted names under ``root``) as bare namespace packages (their ``__init__`` files pull
+    in training code). Afterwards ``sys.path`` and every ``sys.modules`` entry whose top-level name is in
+    ``owned`` are as they were (never torch's own lazy imports); the imported modules stay reachable."""
+    saved = dict(sys.modules)
+    sys.path[:0] = [str(p) for p in paths]
+    try:
+        sys.modules.update(stubs)
+        for name in packages:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(root / name.replace(".", "/"))]
+            sys.modules[name] = pkg
+        yield
     finally:
         del sys.path[:len(paths)]
-        ours = ("opensora", "xformers", "mmengine", "timm")
-        for k in [k for k in sys.modules if k.split(".")[0] in ours]:  # never torch's own lazy imports
+        for k in [k for k in sys.modules if k.split(".")[0] in owned]:
             sys.modules.pop(k)
-        sys.modules.update({k: v for k, v in saved.items() if k.split(".")[0] in ours})
-    return types.SimpleNamespace(stdit3=stdit3, rf=rf, cache=cache, global_force_fresh=gff)
+        sys.modules.update({k: v for k, v in saved.items() if k.split(".")[0] in owned})

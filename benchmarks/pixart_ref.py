@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import sys
 import types
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from opensora_ref import _BlockDiagonalMask, _Mlp, _Registry, _module
+from opensora_ref import _BlockDiagonalMask, _Mlp, _Registry, _module, isolated_imports
 
 _PACKAGES = ("diffusion", "diffusion.model", "diffusion.model.nets", "diffusion.utils")
 _OURS = ("diffusion", "xformers", "mmcv", "timm", "torchvision", "einops")
@@ -92,22 +91,10 @@ def load(ref_dir: Path) -> types.SimpleNamespace:
     if not (root / "diffusion" / "model" / "nets" / "PixArt.py").exists():
         raise SystemExit(f"{root} is not the PixArt-alpha-ToCa folder of Shenyi-Z/ToCa "
                          "(no diffusion/model/nets/PixArt.py).")
-    saved = dict(sys.modules)
-    sys.path.insert(0, str(root))
-    try:
-        sys.modules.update(_stubs())
-        for name in _PACKAGES:
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(root / name.replace(".", "/"))]
-            sys.modules[name] = pkg
+    with isolated_imports(root, [root], _stubs(), _PACKAGES, owned=_OURS):
         pixart = importlib.import_module("diffusion.model.nets.PixArt")
         dpms = importlib.import_module("diffusion.dpm_solver")
         cache = importlib.import_module("diffusion.model.cache_functions")
-    finally:
-        sys.path.remove(str(root))
-        for k in [k for k in sys.modules if k.split(".")[0] in _OURS]:  # never torch's own lazy imports
-            sys.modules.pop(k)
-        sys.modules.update({k: v for k, v in saved.items() if k.split(".")[0] in _OURS})
     return types.SimpleNamespace(pixart=pixart, dpms=dpms, cache=cache)
 
 
