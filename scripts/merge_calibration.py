@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from stepcache.io import atomic_write
 from stepcache.policies.calibration_data import ASSETS
 
 MAGCACHE_FILE, TEACACHE_FILE = ASSETS / "magcache_ratios.json", ASSETS / "teacache_coefficients.json"
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
                  "num_steps": record["num_steps"]}
         entry["mag_ratios" if key == "mag_ratios" else "coefficients"] = record[key]
         table["models"][args.name] = entry
-        path.write_text(json.dumps(table, indent=1) + "\n")
+        atomic_write(path, lambda f, t=table: f.write((json.dumps(t, indent=1) + "\n").encode()))
         print(f"{path.name}: replaced {args.name!r}")
 
 
