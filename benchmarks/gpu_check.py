@@ -5,8 +5,9 @@ H100/H200 at most, or seconds with ``--tiny`` on a CPU):
 
 - native: stepcache's DiT with DiT-XL/2 geometry (28 blocks, width 1152, 256 tokens), random weights with
   the zero-initialised adaLN and output layers re-randomised, cast to ``--dtype`` (bf16); DDIM-50, a batch
-  of 8 labels with CFG 4.0 (16 rows). Policies: uncached, FORA(3), ToCa, TaylorSeer, Forecast, FBCache,
-  DBCache. Eager, then compiled (``stepcache.compile_blocks``: every block's modulation, attention and MLP
+  of 8 labels with CFG 4.0 (16 rows). Policies: uncached, FORA(3), ToCa, L2C (a synthetic router, see
+  ``synthetic_l2c``), TaylorSeer, Forecast, FBCache, DBCache. Eager, then compiled
+  (``stepcache.compile_blocks``: every block's modulation, attention and MLP
   compiled in place, the cache logic staying eager) when ``torch.compile`` works here; a failure is recorded
   and the section skipped.
 - peers: diffusers' ``DiTTransformer2DModel`` of the same geometry in a ``DiTPipeline`` (a one-block stub
@@ -48,8 +49,9 @@ from stepcache.bench.records import environment  # noqa: E402
 from stepcache.cli.common import DTYPES, randomize_, resolve_device  # noqa: E402
 from stepcache.sampling.precision import synchronize  # noqa: E402
 
-NATIVE_SPECS = ("none", "fora:interval=3", "toca:interval=3,fresh_ratio=0.1", "taylorseer:interval=3,order=1",
-                "forecast", "fbcache:threshold=0.2", "dbcache:front=1,threshold=0.2,warmup=4")
+NATIVE_SPECS = ("none", "fora:interval=3", "toca:interval=3,fresh_ratio=0.1", "l2c",
+                "taylorseer:interval=3,order=1", "forecast", "fbcache:threshold=0.2",
+                "dbcache:front=1,threshold=0.2,warmup=4")
 LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # DiT's sample.py
 
 
@@ -154,8 +156,29 @@ def rounds(methods: dict, run, repeats: int, device) -> dict:
     return {**rec, **skipped}
 
 
+SYNTHETIC_L2C_THRESHOLD = 0.6
+
+
+def synthetic_l2c(depth: int, steps: int):
+    """L2C with a synthetic router: seeded N(0, 1) logits for every (step, unit), threshold 0.6 (about 66 % of the
+    cache-step units reused; the embedded model's trained router reuses 64 % at 0.1). A router learned on random weights
+    would mean nothing; L2C's speed depends only on which units are skipped, and the decisions are L2C's own
+    (a table lookup per step and unit), so the timing is L2C's."""
+    from stepcache.policies.l2c import L2C
+
+    logits = torch.randn(steps, 2 * depth, generator=torch.Generator().manual_seed(0))
+    return L2C(router=logits, threshold=SYNTHETIC_L2C_THRESHOLD)
+
+
+def native_policy(spec: str, model, args):
+    """``l2c`` without a router: :func:`synthetic_l2c`; anything else: the CLI's policy syntax."""
+    if spec == "l2c":
+        return synthetic_l2c(model.config.depth, args.steps)
+    return build_policy(spec, args.steps, "ddim", embedded=False)
+
+
 def native_section(model, noise, labels, args, device) -> dict:
-    policies = {spec: build_policy(spec, args.steps, "ddim", embedded=False) for spec in args.specs}
+    policies = {spec: native_policy(spec, model, args) for spec in args.specs}
 
     def run(policy):
         out, stats = stepcache.sample(model, noise, labels, args.steps, "ddim", args.cfg_scale, policy,

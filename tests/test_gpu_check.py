@@ -28,6 +28,8 @@ def test_tiny_run_on_the_cpu(gpu_check, tmp_path, one_thread):
     fora = native["fora:interval=3"]
     assert fora["compute_share"] < 0.6 and fora["ideal_speedup"] > 1.5 and fora["peak_mib"] is None
     assert 0 < fora["psnr_db_vs_uncached"] < float("inf")  # it reused something
+    l2c = native["l2c"]  # the synthetic router: about 2/3 of the units of the cache steps (every other step) reused
+    assert 1.2 < l2c["ideal_speedup"] < 2.0 and 0 < l2c["psnr_db_vs_uncached"] < float("inf")
     assert "skipped" in record["sections"]["native compiled"]  # auto: compiled on CUDA only
     peers = record["sections"]["diffusers DiT eager"]
     if importlib.util.find_spec("diffusers") is None:
