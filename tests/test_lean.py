@@ -281,3 +281,30 @@ def test_recycled_newton_coefficients_and_horner_are_bitwise_the_plain_ones(orde
             for j in range(len(plain) - 2, -1, -1):
                 ref = torch.add(plain[j], ref, alpha=t - zp[j])
             assert torch.equal(newton_eval(lean, zl, t), ref)
+
+
+@pytest.mark.parametrize("name", ["fora", "taylorseer", "forecast"])
+def test_fused_gated_adds_round_once_and_change_nothing_else(name):
+    """``handle.lean = "fused"``: reused branches are added with one ``addcmul`` (one rounding), so the output
+    moves by a few ulps from the plain path, and by no more; the work and the decisions are the lean path's."""
+    model = tiny_dit(depth=3)
+    lean_calls, fused_calls = [], []
+    lean, lean_stats, _ = _run(model, POLICIES[name](), lean=True, calls=lean_calls)
+    fused, stats, handle = _run(model, POLICIES[name](), lean="fused", calls=fused_calls)
+    assert torch.equal(lean_calls[0], fused_calls[0])  # a full first step: same bits
+    assert any(not torch.equal(a, b) for a, b in zip(lean_calls, fused_calls))  # the fused adds ran (FMA rounding)
+    for a, b in zip(lean_calls, fused_calls):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, lean, rtol=1e-5, atol=1e-5)
+    assert stats.kind_counts() == lean_stats.kind_counts()
+    assert (stats.macs_executed, stats.macs_fixed_skipped) == (lean_stats.macs_executed, lean_stats.macs_fixed_skipped)
+    assert not handle._scratch
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", None, "FUSED"])
+def test_lean_accepts_true_false_or_fused_only(value):
+    model = tiny_dit(depth=2)
+    with stepcache.apply(model, FORA(2)) as handle:
+        with pytest.raises(stepcache.errors.ConfigError, match="handle.lean"):
+            handle.lean = value
+        assert handle.lean is True

@@ -10,9 +10,9 @@ without changing a bit of the result:
   rows of the weight (the same dot products, so the same values as slicing the full output);
 - :func:`gated_add` forms ``gate * a`` in a reused scratch buffer, then adds it to ``x`` in place when
   nobody else holds ``x`` (else into one fresh tensor): the same two roundings as ``x + gate * a``.
-  A fused ``addcmul`` would be one pass fewer, but it rounds once (an FMA) and so changes the last bits
-  of every reuse step, which would break the bit-exact parity with the reference FORA and the
-  independent re-implementations in the tests.
+  A fused ``addcmul`` is one pass fewer, but it rounds once (an FMA) and so changes the last bits of
+  every reuse step, which would break the bit-exact parity with the reference FORA and the independent
+  re-implementations in the tests: it is opt-in (``handle.lean = "fused"``).
 
 Holding rules (who may see a residual-stream tensor) are the adapter's business; see
 ``stepcache.adapters.dit``.
@@ -54,12 +54,14 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 def gated_add(handle, x: torch.Tensor, gate: torch.Tensor, a: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """``x + gate.unsqueeze(1) * a`` bit for bit: x (B, T, D), gate (B, D), a (B, T, D). ``in_place``: x may
-    be overwritten (the caller proved nobody else holds it). Falls back to the plain expression where
-    autograd records the graph or the shapes or dtypes differ."""
+    """``x + gate.unsqueeze(1) * a`` bit for bit (one ``addcmul`` under ``handle.lean == "fused"``): x (B, T, D),
+    gate (B, D), a (B, T, D). ``in_place``: x may be overwritten (the caller proved nobody else holds it).
+    Falls back to the plain expression where autograd records the graph or the shapes or dtypes differ."""
     g = gate.unsqueeze(1)  # (B, 1, D)
     if _needs_grad(x, gate, a) or a.shape != x.shape or not x.dtype == gate.dtype == a.dtype:
         return x + g * a
+    if handle.lean == "fused":  # one pass, one rounding
+        return x.addcmul_(g, a) if in_place else torch.addcmul(x, g, a)
     product = torch.mul(g, a, out=handle.scratch(a))  # (B, T, D), in a reused buffer
     return x.add_(product) if in_place else torch.add(x, product)
 

@@ -98,7 +98,21 @@ class CacheHandle:
         self._scratch: dict = {}  # (slot, shape, dtype, device) -> a reused work buffer, freed with the run
         # Adapters may make reuse steps lean (skip work that only feeds reused branches, apply reused outputs
         # without temporaries; same bits on CPU). False runs the plain path: for A/B checks and benchmarks.
-        self.lean = True
+        # "fused": lean, and the gated adds of reused branches as one addcmul (one rounding: not the plain bits)
+        self._lean: bool | str = True
+
+    @property
+    def lean(self) -> bool | str:
+        """``True`` (default): lean reuse steps, bit-identical to the plain path; ``False``: the plain path;
+        ``"fused"``: lean with ``x.addcmul_(gate, a)`` for reused branches: one memory pass fewer per gated
+        add, one rounding instead of two (a few ulps from the plain path and the references)."""
+        return self._lean
+
+    @lean.setter
+    def lean(self, value) -> None:
+        if not (value is True or value is False or (isinstance(value, str) and value == "fused")):
+            raise ConfigError(f"handle.lean must be True, False or 'fused', got {value!r}.")
+        self._lean = value
 
     @property
     def has_spans(self) -> bool:
