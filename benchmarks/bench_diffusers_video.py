@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import stepcache  # noqa: E402
 from stepcache import FBCache, FORA, NoCache, TaylorSeer, ToCa  # noqa: E402
-from test_diffusers_video import randomize_video  # noqa: E402
+from helpers import randomize_fan_in  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -71,7 +71,7 @@ def build(name: str, a):
                                            max_text_seq_length=L)
         sched = d.CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
                                          rescale_betas_zero_snr=True)
-        pipe = d.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+        pipe = d.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_fan_in(tr),
                                    scheduler=sched)
         latents = torch.randn(1, 5, 16, 16, 16, generator=_g(3))
         kw = dict(height=128, width=128, num_frames=17, guidance_scale=6.0, latents=latents)
@@ -80,7 +80,7 @@ def build(name: str, a):
                                      in_channels=16, out_channels=16, text_dim=64, freq_dim=64, ffn_dim=4 * D,
                                      num_layers=a.depth)
         sched = d.UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
-        pipe = d.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+        pipe = d.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_fan_in(tr),
                              scheduler=sched)
         latents = torch.randn(1, 16, 5, 16, 16, generator=_g(3))
         kw = dict(height=128, width=128, num_frames=17, guidance_scale=5.0, latents=latents)
@@ -88,7 +88,7 @@ def build(name: str, a):
         tr = d.LTXVideoTransformer3DModel(in_channels=32, out_channels=32, num_attention_heads=a.heads,
                                           attention_head_dim=a.head_dim, cross_attention_dim=D, num_layers=a.depth,
                                           caption_channels=64)
-        pipe = d.LTXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+        pipe = d.LTXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_fan_in(tr),
                              scheduler=d.FlowMatchEulerDiscreteScheduler())
         latents = torch.randn(1, 5 * 8 * 8, 32, generator=_g(3))
         mask = torch.ones(1, L)

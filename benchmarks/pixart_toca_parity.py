@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # tests/pixart_helpers.py builds the fixture's model
+# tests/pixart_helpers.py builds the fixture's model (and imports tests/helpers.py)
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks"), str(REPO / "tests")]
 
 import pixart_ref  # noqa: E402
 from pixart_ref import cut_gap, record_reference, to_diffusers, to_reference  # noqa: E402

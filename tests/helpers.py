@@ -14,6 +14,32 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def randomize_fan_in(model: torch.nn.Module, seed: int = 0, bias_std: float = 0.1) -> torch.nn.Module:
+    """diffusers transformers: fan-in scaled matrices, biases of std ``bias_std``, norm gains 1 +- 0.1, adaLN
+    tables (``scale_shift_table``) of std D^-1/2; in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1] and name.endswith("weight") and p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("scale_shift_table"):
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            elif p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.copy_(bias_std * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def pipeline_family(families: dict, name: str) -> tuple:
+    """(name, pipe, run, run(pipe)) for ``families[name] = (build, run)``: the tiny pipeline built, its progress
+    bar off, and its uncached output (the baseline every invariant compares with)."""
+    build, run = families[name]
+    pipe = build()
+    pipe.set_progress_bar_config(disable=True)
+    return name, pipe, run, run(pipe)
+
+
 def tiny_dit(depth: int = 4, hidden: int = 64, heads: int = 4, input_size: int = 8, patch: int = 2,
              num_classes: int = 10, seed: int = 0, **kw) -> DiT:
     torch.manual_seed(seed)

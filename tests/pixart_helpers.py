@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import randomize_fan_in
 
 from stepcache.core.context import StepContext
 from stepcache.diffusion.discrete_vp import DiscreteVPSchedule
@@ -29,15 +30,8 @@ def tiny_pixart(seed: int = 0, embed_scale: float = 0.1):
                                      cross_attention_dim=c["hidden"], caption_channels=c["caption_channels"],
                                      sample_size=c["side"], patch_size=c["patch"], norm_type="ada_norm_single",
                                      use_additional_conditions=False, norm_elementwise_affine=False, norm_eps=1e-6)
-    g = torch.Generator().manual_seed(seed)
+    randomize_fan_in(model, seed, bias_std=0.05)  # PixArt's LayerNorms have no gains
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("scale_shift_table"):
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            elif p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
         model.pos_embed.proj.weight.mul_(embed_scale)
     return model.eval()
 

@@ -15,6 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # the text-to-image pipelines import it even without encoders
 
 import stepcache  # noqa: E402
+from helpers import pipeline_family  # noqa: E402
 from stepcache import FORA, NoCache  # noqa: E402
 from stepcache.errors import ClockError, ConfigError, UnsupportedModelError  # noqa: E402
 from stepcache.core.policy import Policy, PolicyConfig, register_policy  # noqa: E402
@@ -172,10 +173,7 @@ FAMILIES = {"dit": (build_dit, run_dit), "pixart": (build_pixart, run_pixart), "
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
-    build, run = FAMILIES[request.param]
-    pipe = build()
-    pipe.set_progress_bar_config(disable=True)
-    return request.param, pipe, run, run(pipe)
+    return pipeline_family(FAMILIES, request.param)
 
 
 # ------------------------------------------------------------------------------ invariants per family

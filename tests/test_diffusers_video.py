@@ -2,8 +2,9 @@
 driven by their real pipelines, offline.
 
 No tokenizer or text encoder: prompt embeddings are passed in; ``vae=None`` and ``output_type="latent"``.
-Weights are re-randomised fan-in scaled with norm gains near 1 (the default init and ``helpers.randomize``
-leave the blocks' contribution ~1e-6 of the stream, so caching would change nothing measurable).
+Weights are re-randomised fan-in scaled with norm gains near 1 (``helpers.randomize_fan_in``; the default init
+and ``helpers.randomize`` leave the blocks' contribution ~1e-6 of the stream, so caching would change nothing
+measurable).
 """
 
 from __future__ import annotations
@@ -15,27 +16,12 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # the pipelines import it even without encoders
 
 import stepcache  # noqa: E402
+from helpers import pipeline_family, randomize_fan_in  # noqa: E402
 from stepcache import (DBCache, FBCache, FORA, Forecast, MagCache, NoCache, TaylorSeer, TeaCache,  # noqa: E402
                        ToCa)
 from stepcache.errors import ConfigError  # noqa: E402
 
 STEPS = 4
-
-
-def randomize_video(model, seed: int = 0):
-    """Fan-in scaled matrices, biases of std 0.1, norm gains 1 +- 0.1, adaLN tables of std D^-1/2."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1] and name.endswith("weight") and p.dim() == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("scale_shift_table"):
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            elif p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _randn(*shape, seed):
@@ -53,7 +39,7 @@ def build_cogvideox():
                                      max_text_seq_length=6)
     scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
                                        rescale_betas_zero_snr=True)
-    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_fan_in(tr),
                              scheduler=scheduler)
 
 
@@ -74,7 +60,7 @@ def build_wan():
     tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
     scheduler = UniPCMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_fan_in(tr),
                        scheduler=scheduler)
 
 
@@ -92,7 +78,7 @@ def build_ltx():
     torch.manual_seed(0)
     tr = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
                                     attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=16)
-    return LTXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+    return LTXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_fan_in(tr),
                        scheduler=FlowMatchEulerDiscreteScheduler())
 
 
@@ -120,10 +106,7 @@ pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
-    build, run = FAMILIES[request.param]
-    pipe = build()
-    pipe.set_progress_bar_config(disable=True)
-    return request.param, pipe, run, run(pipe)
+    return pipeline_family(FAMILIES, request.param)
 
 
 # ------------------------------------------------------------------------------ invariants
@@ -401,7 +384,7 @@ def test_cogvideox_5b_and_1_5_layouts(variant, frames, tokens):
                                      time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=8,
                                      sample_height=8, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
                                      max_text_seq_length=6, **extra)
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_video(tr),
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=randomize_fan_in(tr),
                              scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction",
                                                               timestep_spacing="trailing", rescale_betas_zero_snr=True))
     pipe.set_progress_bar_config(disable=True)
